@@ -1,0 +1,33 @@
+# The two commands of the README: `make run` (the whole pipeline) and `make test`.
+# Both create .venv from the lock file when it is missing or stale.
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup run test lock bench clean-venv
+
+setup: $(INSTALLED)
+
+$(INSTALLED): requirements.lock pyproject.toml
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check uv==0.13.9
+	$(VENV)/bin/uv pip install --python $(PYTHON) --quiet -r requirements.lock
+	$(VENV)/bin/uv pip install --python $(PYTHON) --quiet --no-deps -e .
+	touch $@
+
+run: $(INSTALLED)
+	dvc repro
+
+test: $(INSTALLED)
+	$(PYTHON) -m pytest
+
+bench: $(INSTALLED)
+	$(PYTHON) benchmarks/bench_baseline.py
+
+# Re-pin every dependency after a change to pyproject.toml.
+lock:
+	$(VENV)/bin/uv pip compile pyproject.toml --extra test --python-version 3.11 -o requirements.lock
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,159 @@
+"""Typed, validated params.yaml.
+
+Every knob of the pipeline lives in params.yaml; this module is its schema. A wrong key,
+type or value stops a stage before any work, with one line that names the key and what is
+allowed (see `load_params`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ruamel.yaml import YAML, YAMLError
+
+from pipeline.errors import UserError
+
+PARAMS_FILE = Path("params.yaml")
+
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]
+PositiveInt = Annotated[int, Field(gt=0)]
+Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
+LearningRate = Annotated[float, Field(gt=0.0, le=1.0)]
+Optimizer = Literal["rmsprop", "adam", "sgd"]
+
+
+class Section(BaseModel):
+    """A params.yaml section: unknown keys are errors, values are not coerced across types."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class MlflowParams(Section):
+    experiment: Annotated[str, Field(min_length=1)] = "image-classification"
+
+
+class RemoteFile(Section):
+    name: Annotated[str, Field(min_length=1)]
+    # sha256 of the decompressed bytes (so any faithful mirror passes); null = not checked.
+    sha256: Sha256 | None = None
+
+
+class MnistFiles(Section):
+    train_images: RemoteFile
+    train_labels: RemoteFile
+    test_images: RemoteFile
+    test_labels: RemoteFile
+
+
+class MnistParams(Section):
+    mirrors: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    files: MnistFiles
+    validation_size: Annotated[int, Field(ge=0)] = 5000
+    retries: Annotated[int, Field(ge=0, le=10)] = 2
+
+
+class BaselineParams(Section):
+    conv_filters: Annotated[list[PositiveInt], Field(min_length=1, max_length=8)] = [32, 64, 64]
+    kernel_size: PositiveInt = 3
+    padding: Literal["valid", "same"] = "valid"
+    strides: PositiveInt = 1
+    pool_size: Annotated[int, Field(ge=0)] = 2  # 0 = no pooling between conv layers
+    dense_units: PositiveInt = 64
+    dropout: Probability = 0.5
+    optimizer: Optimizer = "rmsprop"
+    learning_rate: LearningRate = 0.001
+    batch_size: PositiveInt = 64
+    epochs: PositiveInt = 5
+    early_stopping_patience: Annotated[int, Field(ge=0)] = 0  # 0 = off
+
+
+class PerClass(Section):
+    train: PositiveInt = 1000
+    validation: PositiveInt = 500
+    test: PositiveInt = 1000
+
+
+class ImagesParams(Section):
+    url: Annotated[str, Field(min_length=1)]
+    sha256: Sha256 | None = None
+    size: Annotated[int, Field(ge=32, le=512)] = 150
+    per_class: PerClass = PerClass()
+
+
+class Vgg16Params(Section):
+    weights: Annotated[str, Field(min_length=1)] = "imagenet"
+    weights_sha256: Sha256 | None = None
+
+
+class FeaturesParams(Section):
+    batch_size: PositiveInt = 32
+
+
+class HeadParams(Section):
+    pooling: Literal["flatten", "gap"] = "flatten"
+    units: PositiveInt = 256
+    dropout: Probability = 0.5
+    optimizer: Optimizer = "rmsprop"
+    learning_rate: LearningRate = 2e-5
+    batch_size: PositiveInt = 20
+    epochs: PositiveInt = 30
+    early_stopping_patience: Annotated[int, Field(ge=0)] = 0
+
+
+class FinetuneParams(Section):
+    unfreeze: Annotated[int, Field(ge=1, le=3)] = 3
+    optimizer: Optimizer = "rmsprop"
+    learning_rate: LearningRate = 1e-5
+    batch_size: PositiveInt = 20
+    epochs: PositiveInt = 20
+    early_stopping_patience: Annotated[int, Field(ge=0)] = 0
+    augment: bool = False
+
+
+class Params(Section):
+    seed: Annotated[int, Field(ge=0)] = 42
+    mlflow: MlflowParams = MlflowParams()
+    mnist: MnistParams
+    baseline: BaselineParams = BaselineParams()
+    images: ImagesParams | None = None
+    vgg16: Vgg16Params = Vgg16Params()
+    features: FeaturesParams = FeaturesParams()
+    head: HeadParams = HeadParams()
+    finetune: FinetuneParams = FinetuneParams()
+
+
+def _describe(error: dict) -> str:
+    """One readable phrase for one pydantic error, naming the dotted key."""
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key (check the spelling against the defaults in params.yaml)"
+    if error["type"] == "missing":
+        return f"{key}: missing"
+    return f"{key}: {error['msg'].lower()} (got {error['input']!r})"
+
+
+def parse_params(raw: object, source: str = "params.yaml") -> Params:
+    """Validate an already-loaded params mapping; raise UserError naming the bad key."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise UserError(f"{source}: {_describe(errors[0])}{more}") from None
+
+
+def load_params(path: Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml; any problem is a UserError naming the file and key."""
+    try:
+        # YAML 1.2 (pure loader), as DVC reads it: `1e-5` is a float, not a string.
+        with path.open(encoding="utf-8") as handle:
+            raw = YAML(typ="safe", pure=True).load(handle)
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found; run from the project root") from None
+    except YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return parse_params(raw, str(path))

@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny IDX data made here, served from a loopback HTTP server."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import http.server
+import os
+import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+MNIST_NAMES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """uint8 array -> IDX bytes (type 0x08)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def tiny_digits(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable 28x28 'digits': class k lights a bar at row 2k+4, plus noise.
+
+    Each image also carries its own label in pixel (0, 0) (value 10*label), so a test can
+    check that every image kept its label through the pipeline.
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.arange(count) % 10
+    rng.shuffle(labels)
+    images = rng.integers(0, 60, size=(count, 28, 28)).astype(np.uint8)
+    for i, label in enumerate(labels):
+        images[i, 2 * label + 4 : 2 * label + 6, 4:24] = 255
+        images[i, 0, 0] = 10 * label
+    return images, labels.astype(np.uint8)
+
+
+def write_mnist_mirror(folder: Path, train: int = 200, test: int = 50) -> dict[str, dict]:
+    """Write the four gzipped IDX files; return mnist.files params (names, sha256)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    train_images, train_labels = tiny_digits(train, seed=1)
+    test_images, test_labels = tiny_digits(test, seed=2)
+    arrays = {
+        "train_images": train_images,
+        "train_labels": train_labels,
+        "test_images": test_images,
+        "test_labels": test_labels,
+    }
+    files = {}
+    for key, array in arrays.items():
+        raw = idx_bytes(array)
+        (folder / MNIST_NAMES[key]).write_bytes(gzip.compress(raw, mtime=0))
+        files[key] = {"name": MNIST_NAMES[key], "sha256": hashlib.sha256(raw).hexdigest()}
+    return files
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def http_root(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A folder served on http://127.0.0.1:PORT/ for the duration of a test."""
+    root = tmp_path / "served"
+    root.mkdir()
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Iterator[Path]:
+    """Run the test inside an empty project folder (stages use paths relative to it)."""
+    project = tmp_path / "project"
+    project.mkdir()
+    old = Path.cwd()
+    os.chdir(project)
+    try:
+        yield project
+    finally:
+        os.chdir(old)
+
+
+def dead_url() -> str:
+    """A loopback URL where nothing listens (the port was just free)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"
