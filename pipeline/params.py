@@ -1,8 +1,8 @@
 """Typed, validated params.yaml.
 
-Every knob of the pipeline lives in params.yaml; this module is its schema. A wrong key,
-type or value stops a stage before any work, with one line that names the key and what is
-allowed (see `load_params`).
+Every knob of the pipeline lives in params.yaml, and only there: this module is its schema,
+with no defaults of its own. A missing or unknown key, a wrong type or a value out of range
+stops a stage before any work, with one line that names the key and what is allowed.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ class Section(BaseModel):
 
 
 class MlflowParams(Section):
-    experiment: Annotated[str, Field(min_length=1)] = "image-classification"
+    experiment: Annotated[str, Field(min_length=1)]
 
 
 class RemoteFile(Section):
     name: Annotated[str, Field(min_length=1)]
     # sha256 of the decompressed bytes (so any faithful mirror passes); null = not checked.
-    sha256: Sha256 | None = None
+    sha256: Sha256 | None
 
 
 class MnistFiles(Section):
@@ -50,78 +50,78 @@ class MnistFiles(Section):
 class MnistParams(Section):
     mirrors: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
     files: MnistFiles
-    validation_size: Annotated[int, Field(ge=0)] = 5000
-    retries: Annotated[int, Field(ge=0, le=10)] = 2
+    validation_size: Annotated[int, Field(ge=0)]
+    retries: Annotated[int, Field(ge=0, le=10)]
 
 
 class BaselineParams(Section):
-    conv_filters: Annotated[list[PositiveInt], Field(min_length=1, max_length=8)] = [32, 64, 64]
-    kernel_size: PositiveInt = 3
-    padding: Literal["valid", "same"] = "valid"
-    strides: PositiveInt = 1
-    pool_size: Annotated[int, Field(ge=0)] = 2  # 0 = no pooling between conv layers
-    dense_units: PositiveInt = 64
-    dropout: Probability = 0.5
-    optimizer: Optimizer = "rmsprop"
-    learning_rate: LearningRate = 0.001
-    batch_size: PositiveInt = 64
-    epochs: PositiveInt = 5
-    early_stopping_patience: Annotated[int, Field(ge=0)] = 0  # 0 = off
+    conv_filters: Annotated[list[PositiveInt], Field(min_length=1, max_length=8)]
+    kernel_size: PositiveInt
+    padding: Literal["valid", "same"]
+    strides: PositiveInt
+    pool_size: Annotated[int, Field(ge=0)]  # 0 = no pooling between conv layers
+    dense_units: PositiveInt
+    dropout: Probability
+    optimizer: Optimizer
+    learning_rate: LearningRate
+    batch_size: PositiveInt
+    epochs: PositiveInt
+    early_stopping_patience: Annotated[int, Field(ge=0)]  # 0 = off
 
 
 class PerClass(Section):
-    train: PositiveInt = 1000
-    validation: PositiveInt = 500
-    test: PositiveInt = 1000
+    train: PositiveInt
+    validation: PositiveInt
+    test: PositiveInt
 
 
 class ImagesParams(Section):
     url: Annotated[str, Field(min_length=1)]
-    sha256: Sha256 | None = None
-    size: Annotated[int, Field(ge=32, le=512)] = 150
-    per_class: PerClass = PerClass()
+    sha256: Sha256 | None
+    size: Annotated[int, Field(ge=32, le=512)]
+    per_class: PerClass
 
 
 class Vgg16Params(Section):
-    weights: Annotated[str, Field(min_length=1)] = "imagenet"
-    weights_sha256: Sha256 | None = None
+    weights: Annotated[str, Field(min_length=1)]
+    weights_sha256: Sha256 | None
 
 
 class FeaturesParams(Section):
-    batch_size: PositiveInt = 32
+    batch_size: PositiveInt
 
 
 class HeadParams(Section):
-    pooling: Literal["flatten", "gap"] = "flatten"
-    units: PositiveInt = 256
-    dropout: Probability = 0.5
-    optimizer: Optimizer = "rmsprop"
-    learning_rate: LearningRate = 2e-5
-    batch_size: PositiveInt = 20
-    epochs: PositiveInt = 30
-    early_stopping_patience: Annotated[int, Field(ge=0)] = 0
+    pooling: Literal["flatten", "gap"]
+    units: PositiveInt
+    dropout: Probability
+    optimizer: Optimizer
+    learning_rate: LearningRate
+    batch_size: PositiveInt
+    epochs: PositiveInt
+    early_stopping_patience: Annotated[int, Field(ge=0)]
 
 
 class FinetuneParams(Section):
-    unfreeze: Annotated[int, Field(ge=1, le=3)] = 3
-    optimizer: Optimizer = "rmsprop"
-    learning_rate: LearningRate = 1e-5
-    batch_size: PositiveInt = 20
-    epochs: PositiveInt = 20
-    early_stopping_patience: Annotated[int, Field(ge=0)] = 0
-    augment: bool = False
+    unfreeze: Annotated[int, Field(ge=1, le=3)]
+    optimizer: Optimizer
+    learning_rate: LearningRate
+    batch_size: PositiveInt
+    epochs: PositiveInt
+    early_stopping_patience: Annotated[int, Field(ge=0)]
+    augment: bool
 
 
 class Params(Section):
-    seed: Annotated[int, Field(ge=0)] = 42
-    mlflow: MlflowParams = MlflowParams()
+    seed: Annotated[int, Field(ge=0)]
+    mlflow: MlflowParams
     mnist: MnistParams
-    baseline: BaselineParams = BaselineParams()
-    images: ImagesParams | None = None
-    vgg16: Vgg16Params = Vgg16Params()
-    features: FeaturesParams = FeaturesParams()
-    head: HeadParams = HeadParams()
-    finetune: FinetuneParams = FinetuneParams()
+    baseline: BaselineParams
+    images: ImagesParams
+    vgg16: Vgg16Params
+    features: FeaturesParams
+    head: HeadParams
+    finetune: FinetuneParams
 
 
 def _describe(error: dict) -> str:

@@ -15,7 +15,7 @@ from conftest import MNIST_NAMES, dead_url, idx_bytes, write_mnist_mirror
 
 
 def params(mirrors: list[str], files: dict) -> MnistParams:
-    return MnistParams(mirrors=mirrors, files=files, retries=0)
+    return MnistParams(mirrors=mirrors, files=files, retries=0, validation_size=0)
 
 
 def leftovers(folder: Path) -> list[str]:
