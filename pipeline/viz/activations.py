@@ -1,0 +1,131 @@
+"""What the conv and pooling layers of a model output for one image, and models that expose it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+from keras.src.ops.function import make_node_key
+from keras.src.ops.node import Node
+from matplotlib.figure import Figure
+
+from pipeline.viz.common import image_grid
+
+# Layers whose output is a spatial feature map worth drawing (global pooling is not spatial).
+SPATIAL_LAYER_TYPES = (keras.layers.Conv2D, keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)
+MAX_COLUMNS = 8
+
+
+def conv_and_pool_layer_names(model: keras.Model) -> list[str]:
+    """Names of the model's Conv2D and (max/average, not global) 2-D pooling layers, input to output."""
+    return [layer.name for layer in model.layers if isinstance(layer, SPATIAL_LAYER_TYPES)]
+
+
+def layer_node(model: keras.Model, layer_name: str) -> Node:
+    """The call of `layer_name` that belongs to `model`'s graph (its inputs and outputs).
+
+    Usually a layer has one call. But a layer called in several graphs (e.g. keras.applications
+    VGG16's layers re-applied to a new Input to make one flat classifier) has one per graph,
+    and `layer.output` is the first one's, which is not connected to `model`'s input. Keras
+    has no public API for "this layer's output in this model", so the node is found by key.
+    """
+    layer = model.get_layer(layer_name)
+    if len(layer._inbound_nodes) == 1:
+        return layer._inbound_nodes[0]
+    graph = getattr(model, "_functional", None) or model  # a Sequential keeps its graph there
+    for index, node in enumerate(layer._inbound_nodes):
+        if make_node_key(layer, index) in graph._nodes:
+            return node
+    raise ValueError(f"layer {layer_name!r} is not connected to the input of model {model.name!r}")
+
+
+def model_input(model: keras.Model) -> keras.KerasTensor | list[keras.KerasTensor]:
+    """`model`'s input in the structure a sub-model should take: the tensor when there is one.
+
+    (A sub-model built on a one-element list warns when called with a plain array.)
+    """
+    return model.inputs[0] if len(model.inputs) == 1 else model.inputs
+
+
+def layer_output(model: keras.Model, layer_name: str) -> keras.KerasTensor:
+    """The symbolic output of `layer_name` inside `model`'s graph."""
+    return layer_node(model, layer_name).outputs[0]
+
+
+def layer_input(model: keras.Model, layer_name: str) -> keras.KerasTensor:
+    """The symbolic (first) input of `layer_name` inside `model`'s graph."""
+    return layer_node(model, layer_name).input_tensors[0]
+
+
+def at_input_shape(model: keras.Model, input_shape: tuple[int | None, ...] | None) -> keras.Model:
+    """`model`, or the same layers (same weights) re-applied to an Input of `input_shape`.
+
+    Keras refuses inputs of a shape a functional model was not built for (e.g. the VGG16
+    classifier built for 150x150 images, run at the filter patterns' size), although conv and
+    pooling layers accept any size. So the graph is re-applied to a new Input with the same
+    layer objects (`clone_model` with an identity clone function). `model` must not contain
+    size-bound layers (Flatten + Dense): truncate it first.
+    """
+    built_for = tuple(model.inputs[0].shape[1:])
+    if input_shape is None or all(b is None or b == s for b, s in zip(built_for, input_shape)):
+        return model
+    new_input = keras.Input(shape=input_shape, dtype=model.inputs[0].dtype)
+    return keras.models.clone_model(
+        model,
+        input_tensors=[new_input] if isinstance(model.input, list) else new_input,
+        clone_function=lambda layer: layer,  # the same layer objects, hence the same weights
+    )
+
+
+def layer_outputs_model(
+    model: keras.Model, layer_names: Sequence[str], input_shape: tuple[int | None, ...] | None = None
+) -> keras.Model:
+    """A model from `model`'s input to a dict {layer name: that layer's output}, sharing weights.
+
+    `input_shape` (without batch) runs it at another image size (see `at_input_shape`).
+    """
+    extractor = keras.Model(model_input(model), {name: layer_output(model, name) for name in layer_names})
+    return at_input_shape(extractor, input_shape)
+
+
+def activation_model(model: keras.Model, layer_names: Sequence[str]) -> keras.Model:
+    """A model mapping `model`'s input to {layer name: activation} for each of `layer_names`."""
+    return layer_outputs_model(model, layer_names)
+
+
+def activation_maps(model: keras.Model, image: np.ndarray, layer_names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The (H', W', C) activations of one image (in the model's input format) at each named layer.
+
+    Runs the image at its own size, so images of any size work with the conv layers.
+    """
+    extractor = layer_outputs_model(model, layer_names, tuple(np.shape(image)))
+    outputs = extractor(np.asarray(image, dtype=np.float32)[np.newaxis], training=False)
+    return {name: keras.ops.convert_to_numpy(outputs[name])[0] for name in layer_names}
+
+
+def layer_activation_figure(layer_name: str, activation: np.ndarray, max_channels: int) -> Figure:
+    """The first `max_channels` channels of one layer's (H, W, C) activation, one panel each.
+
+    Each channel is drawn with its own colour range (viridis): channels differ in scale by
+    orders of magnitude, and the question is *where* each one fires. A channel that is
+    constant (often all 0 after ReLU: the filter found nothing) is drawn flat and labelled.
+    """
+    activation = np.asarray(activation)
+    if activation.ndim != 3:
+        raise ValueError(f"expected an (H, W, C) activation for {layer_name!r}, got shape {activation.shape}")
+    count = min(max_channels, activation.shape[-1])
+    fig, axes = image_grid(count, MAX_COLUMNS)
+    for channel, ax in enumerate(axes):
+        values = activation[..., channel]
+        ax.imshow(values, cmap="viridis", interpolation="nearest")
+        flat = " (flat)" if values.min() == values.max() else ""
+        ax.set_title(f"{channel}{flat}", fontsize=7)
+    height, width, channels = activation.shape
+    fig.suptitle(f"{layer_name}  {height}x{width}x{channels}  (first {count} channels)", fontsize=9)
+    return fig
+
+
+def activation_maps_figures(maps: dict[str, np.ndarray], max_channels: int) -> dict[str, Figure]:
+    """One figure per layer (`layer_activation_figure`), keyed and ordered like `maps`."""
+    return {name: layer_activation_figure(name, activation, max_channels) for name, activation in maps.items()}
