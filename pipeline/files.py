@@ -35,12 +35,20 @@ def atomic_path(target: Path, directory: bool = False) -> Iterator[Path]:
         )
         os.close(handle)
         temp = Path(name)
+    # mkdtemp/mkstemp make private (0700/0600) paths; outputs get the usual permissions.
+    temp.chmod((0o777 if directory else 0o666) & ~_umask())
     try:
         yield temp
         _replace(temp, target)
     except BaseException:
         _remove(temp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _replace(source: Path, target: Path) -> None:

@@ -74,8 +74,11 @@ def test_layer_names_match_keras(conv_base):
 def test_preprocess_layer_equals_preprocess_input(images):
     expected = keras.applications.vgg16.preprocess_input(images.copy())
     np.testing.assert_allclose(VGGPreprocess()(images), expected, rtol=0, atol=1e-5)
-    as_uint8 = VGGPreprocess()(images.astype("uint8"))  # raw photos need no cast first
+    # Inside a model (whose float Input converts), raw uint8 photos need no cast first.
+    model = keras.Sequential([keras.Input(images.shape[1:]), VGGPreprocess()])
+    as_uint8 = model.predict(images.astype("uint8"), verbose=0)
     np.testing.assert_allclose(as_uint8, expected, rtol=0, atol=1e-5)
+    assert not model.trainable_weights
 
 
 @pytest.mark.parametrize("unfreeze", [2, 3])

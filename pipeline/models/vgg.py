@@ -13,7 +13,8 @@ import warnings
 from pathlib import Path
 
 import keras
-from keras import layers, ops
+import numpy as np
+from keras import layers
 
 from pipeline.errors import UserError
 
@@ -87,16 +88,21 @@ def _first_line(err: Exception) -> str:
     return first[:200]
 
 
-@keras.saving.register_keras_serializable(package="pipeline")
-class VGGPreprocess(layers.Layer):
+def VGGPreprocess(name: str = "vgg_preprocess") -> layers.Conv2D:  # noqa: N802 - used like a layer class
     """keras.applications.vgg16.preprocess_input as a layer: RGB [0, 255] -> BGR - means.
 
-    Inside the model, so a saved classifier takes raw uint8 or float RGB images.
+    A frozen 1x1 convolution whose kernel permutes the channels and whose bias subtracts
+    the ImageNet means: exact (each output is one input times 1 plus zeros), and a built-in
+    layer, so a saved classifier loads with plain `keras.models.load_model` (or MLflow)
+    without this package, and takes raw uint8 or float RGB photos.
     """
-
-    def call(self, inputs):
-        bgr = ops.flip(ops.cast(inputs, self.compute_dtype), axis=-1)
-        return bgr - ops.convert_to_tensor(IMAGENET_BGR_MEANS, dtype=self.compute_dtype)
+    layer = layers.Conv2D(3, 1, trainable=False, name=name)
+    layer.build((None, None, None, 3))
+    permutation = np.zeros((1, 1, 3, 3), dtype="float32")
+    for out_channel, in_channel in enumerate((2, 1, 0)):
+        permutation[0, 0, in_channel, out_channel] = 1.0
+    layer.set_weights([permutation, -np.asarray(IMAGENET_BGR_MEANS, dtype="float32")])
+    return layer
 
 
 def set_trainable_layers(conv_base: keras.Model, unfreeze: int) -> None:

@@ -1,19 +1,19 @@
 """train_baseline: the MNIST convnet, trained, tested, visualised and logged to MLflow.
 
 Writes models/baseline.keras, metrics/baseline.json and plots/baseline/ (history.csv, the
-first layer's kernels, activation maps of one test digit).
+layer summary, training curves, the first layer's kernels, activation maps of one digit).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.files import atomic_path, write_json
 from pipeline.params import Params, load_params
-from pipeline.stages.common import FitResult, fit, log_model, model_summary, require, save_model, seed_everything
+from pipeline.stages.common import FitResult, fit, publish_training, require, seed_everything
 
 STAGE = "train_baseline"
 DATA = Path("data/prepared/mnist.npz")
@@ -36,8 +36,9 @@ def train_baseline(arrays: dict[str, np.ndarray], params: Params) -> Trained:
 
     p = params.baseline
     model = build_baseline(arrays["x_train"].shape[1:], arrays["y_train"].shape[1], p)
+    steps = math.ceil(len(arrays["x_train"]) / p.batch_size) * p.epochs
     model.compile(
-        optimizer=make_optimizer(p.optimizer, p.learning_rate),
+        optimizer=make_optimizer(p.optimizer, p.learning_rate, p.lr_schedule, steps),
         loss="categorical_crossentropy",
         metrics=["accuracy"],
     )
@@ -55,27 +56,20 @@ def train_baseline(arrays: dict[str, np.ndarray], params: Params) -> Trained:
     return Trained(model, result, float(test_loss), float(test_accuracy))
 
 
-def write_figures(model, arrays: dict[str, np.ndarray], history, out: Path) -> None:
-    """Kernels of the first conv layer, activation maps of one test digit, training curves."""
-    from pipeline.viz import save_figures
-    from pipeline.viz.activations import activation_figures
-    from pipeline.viz.curves import training_curves_figure
+def figures(model, digit: np.ndarray) -> dict:
+    """The first conv layer's kernels and the activation maps of one test digit."""
+    from pipeline.viz.activations import activation_maps, activation_maps_figures, conv_and_pool_layer_names
     from pipeline.viz.kernels import kernel_grid
 
     first_conv = next(layer for layer in model.layers if layer.name.startswith("conv"))
-    figures = {
-        "kernels.png": kernel_grid(first_conv.get_weights()[0], f"{first_conv.name}: learned kernels"),
-        "curves.png": training_curves_figure(history),
-    }
-    digit = arrays["x_test"][:1]
-    for name, figure in activation_figures(model, digit).items():
-        figures[f"activations_{name}.png"] = figure
-    save_figures(figures, out)
+    result = {"kernels.png": kernel_grid(first_conv.get_weights()[0], f"{first_conv.name}: learned kernels")}
+    maps = activation_maps(model, digit, conv_and_pool_layer_names(model))
+    for name, figure in activation_maps_figures(maps, max_channels=16).items():
+        result[f"activations_{name}.png"] = figure
+    return result
 
 
 def run(params_file: Path) -> None:
-    import mlflow
-
     from pipeline.tracking import stage_run
 
     params = load_params(params_file)
@@ -86,20 +80,8 @@ def run(params_file: Path) -> None:
     stage_params = {"seed": params.seed, "baseline": params.baseline.model_dump()}
     with stage_run(STAGE, stage_params, [DATA], params.mlflow.experiment) as run:
         trained = train_baseline(arrays, params)
-        history = trained.fit.history
-        metrics = {
-            "test_accuracy": trained.test_accuracy,
-            "test_loss": trained.test_loss,
-            "epochs": int(len(history)),
-            "seconds_per_epoch": round(trained.fit.seconds_per_epoch, 3),
-            "mlflow_run_id": run.info.run_id,
-        }
-        with atomic_path(PLOTS, directory=True) as plots:
-            history.to_csv(plots / "history.csv", index=False)
-            (plots / "summary.txt").write_text(model_summary(trained.model) + "\n")
-            write_figures(trained.model, arrays, history, plots)
-        save_model(trained.model, MODEL)
-        write_json(METRICS, metrics)
-        mlflow.log_metrics({k: v for k, v in metrics.items() if k != "mlflow_run_id"})
-        mlflow.log_artifacts(str(PLOTS), artifact_path="plots")
-        log_model(trained.model)
+        publish_training(
+            run, trained.model, trained.model, trained.fit,
+            (trained.test_loss, trained.test_accuracy), (MODEL, METRICS, PLOTS),
+            figures(trained.model, arrays["x_test"][0]), arrays["x_test"][:2],
+        )

@@ -1,0 +1,69 @@
+"""extract_features: VGG16's frozen layers run once over every photo, cached.
+
+For each split writes data/features/<split>_frozen.npy (the activation at the last frozen
+layer: block4_pool for `finetune.unfreeze: 3`), <split>_pooled.npy (block5_pool, the head's
+input, computed from that cache through the block5 layers) and <split>_labels.npy, plus
+class_names.json. Batches go straight into memory-mapped files, so memory stays bounded
+whatever the number of photos.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.files import atomic_path
+from pipeline.params import load_params
+from pipeline.stages.common import require
+
+IMAGES = Path("data/prepared/images.npz")
+WEIGHTS = Path("data/raw/weights/vgg16_notop.h5")
+OUT = Path("data/features")
+SPLITS = ("train", "validation", "test")
+
+
+def feature_extractor(weights: str | None, image_shape: tuple[int, int, int], unfreeze: int):
+    """Raw uint8 photos -> (activation at the last frozen layer, block5_pool)."""
+    import keras
+
+    from pipeline.models.vgg import VGGPreprocess, build_conv_base, split_at_last_frozen_layer
+
+    conv_base = build_conv_base(weights, image_shape)
+    frozen, top = split_at_last_frozen_layer(conv_base, unfreeze)
+    image = keras.Input(shape=image_shape, name="image")
+    cached = frozen(VGGPreprocess(name="vgg_preprocess")(image))
+    return keras.Model(image, [cached, top(cached)], name="feature_extractor")
+
+
+def extract(extractor, images: np.ndarray, batch_size: int, frozen_out: Path, pooled_out: Path) -> None:
+    """Run `extractor` over `images` in batches, writing both outputs as .npy memory maps."""
+    shapes = [tuple(t.shape[1:]) for t in extractor.outputs]
+    frozen = np.lib.format.open_memmap(frozen_out, "w+", np.float32, (len(images), *shapes[0]))
+    pooled = np.lib.format.open_memmap(pooled_out, "w+", np.float32, (len(images), *shapes[1]))
+    for start in tqdm(range(0, len(images), batch_size), desc=frozen_out.stem, unit="batch"):
+        batch = images[start : start + batch_size]
+        cached, head_input = extractor.predict_on_batch(batch)
+        frozen[start : start + len(batch)] = cached
+        pooled[start : start + len(batch)] = head_input
+    frozen.flush()
+    pooled.flush()
+    del frozen, pooled
+
+
+def run(params_file: Path) -> None:
+    params = load_params(params_file)
+    require(IMAGES, stage="prepare_images")
+    require(WEIGHTS, stage="download_weights")
+    with np.load(IMAGES) as data:
+        class_names = [str(name) for name in data["class_names"]]
+        splits = {split: (data[f"x_{split}"], data[f"y_{split}"]) for split in SPLITS}
+    extractor = feature_extractor(str(WEIGHTS), splits["train"][0].shape[1:], params.finetune.unfreeze)
+    with atomic_path(OUT, directory=True) as staging:
+        for split, (images, labels) in splits.items():
+            extract(extractor, images, params.features.batch_size,
+                    staging / f"{split}_frozen.npy", staging / f"{split}_pooled.npy")
+            np.save(staging / f"{split}_labels.npy", labels)
+        (staging / "class_names.json").write_text(json.dumps(class_names) + "\n")

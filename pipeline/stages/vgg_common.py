@@ -1,0 +1,56 @@
+"""What train_head and finetune share: cached features, loss choice, VGG figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+FEATURES = Path("data/features")
+IMAGES = Path("data/prepared/images.npz")
+WEIGHTS = Path("data/raw/weights/vgg16_notop.h5")
+HEAD_LAYERS = ("head_pool", "head_dense", "head_dropout", "head_output")
+SPLITS = ("train", "validation", "test")
+
+
+def load_features(kind: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+    """{split: (features, labels)} for `kind` "frozen" or "pooled", and the class names."""
+    splits = {
+        split: (np.load(FEATURES / f"{split}_{kind}.npy"), np.load(FEATURES / f"{split}_labels.npy"))
+        for split in SPLITS
+    }
+    class_names = json.loads((FEATURES / "class_names.json").read_text())
+    return splits, class_names
+
+
+def loss_for(num_classes: int) -> str:
+    """One sigmoid unit for two classes, softmax over integer labels for more."""
+    return "binary_crossentropy" if num_classes == 2 else "sparse_categorical_crossentropy"
+
+
+def head_of(classifier, features_shape: tuple[int, ...]):
+    """The head of a saved classifier as a model of its own, sharing its layers' weights."""
+    import keras
+
+    features = keras.Input(shape=features_shape, name="features")
+    x = features
+    for name in HEAD_LAYERS:
+        x = classifier.get_layer(name)(x)
+    return keras.Model(features, x, name="head")
+
+
+def vgg_figures(classifier, photo: np.ndarray, layers: tuple[str, ...]) -> dict:
+    """block1_conv1's RGB kernels and the activation maps of `layers` for one photo."""
+    from pipeline.models.vgg import standalone_copy
+    from pipeline.viz.activations import activation_maps, activation_maps_figures
+    from pipeline.viz.kernels import kernel_grid
+
+    # A copy has one use per layer, so intermediate outputs are reachable from its input.
+    model = standalone_copy(classifier)
+    kernels = model.get_layer("block1_conv1").get_weights()[0]
+    figures = {"kernels_block1_conv1.png": kernel_grid(kernels, "block1_conv1: 64 RGB kernels", bgr=True)}
+    maps = activation_maps(model, photo.astype(np.float32), list(layers))
+    for name, figure in activation_maps_figures(maps, max_channels=16).items():
+        figures[f"activations_{name}.png"] = figure
+    return figures
