@@ -8,10 +8,12 @@ stderr and exit status 2; a traceback means a bug.
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 import sys
+from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -48,13 +50,65 @@ STAGES = {
     "download_mnist": "Download the four MNIST IDX files from the first good mirror, checked.",
     "prepare_mnist": "Normalise MNIST to float32 in [0, 1], one-hot labels, stratified split.",
     "train_baseline": "Train the baseline convnet on MNIST; log it to MLflow.",
+    "download_images": "Download and safely extract the photos; keep the ones that decode.",
+    "download_weights": "Download VGG16's notop ImageNet weights (or take a file), checked.",
+    "prepare_images": "Decode, resize and split the photos per class.",
+    "extract_features": "Cache VGG16's frozen activations for every photo, once.",
+    "train_head": "Train a new classifier on the cached VGG16 features; log it to MLflow.",
+    "finetune": "Fine-tune VGG16's top conv layers with the classifier; log it to MLflow.",
+    "evaluate": "Score every model on its test split: metrics, confusion, Grad-CAM; log to MLflow.",
+    "report": "Filter pictures and reports/report.md + a self-contained report.html.",
 }
 for _name, _help in STAGES.items():
     _stage(_name, _help)
 
 
+class OutputFormat(str, Enum):
+    table = "table"
+    markdown = "markdown"
+    csv = "csv"
+    json = "json"
+
+
+@app.command("compare")
+def compare_runs(
+    experiment: Annotated[Optional[str], typer.Option(
+        "--experiment", "-e", metavar="NAME", help="MLflow experiment (default: mlflow.experiment in --params).")] = None,
+    stage: Annotated[Optional[str], typer.Option(
+        "--stage", metavar="STAGE", help="Only runs of this stage (tag pipeline.stage), e.g. train_baseline.")] = None,
+    dvc_exp: Annotated[Optional[str], typer.Option(
+        "--dvc-exp", metavar="NAME", help="Only runs of this DVC experiment (tag dvc.exp_name).")] = None,
+    tag: Annotated[Optional[list[str]], typer.Option(
+        "--tag", metavar="KEY=VALUE", help="Only runs with this tag; repeatable.")] = None,
+    metric: Annotated[Optional[list[str]], typer.Option(
+        "--metric", "-m", metavar="NAME",
+        help="A metric column; repeatable (default: test_accuracy, test_loss, seconds_per_epoch).")] = None,
+    param: Annotated[Optional[list[str]], typer.Option(
+        "--param", "-p", metavar="NAME",
+        help="A param column, e.g. baseline.dropout; repeatable (default: the params that differ).")] = None,
+    sort: Annotated[Optional[str], typer.Option(
+        "--sort", metavar="COLUMN", help="Sort by this column: a metric, a param, started... (default: newest first).")
+    ] = None,
+    ascending: Annotated[bool, typer.Option("--ascending", help="Sort smallest first (default: largest first).")] = False,
+    output_format: Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format.")] = OutputFormat.table,
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Compare MLflow runs: one row per run, its metrics and the params that differ.
+
+    Example: pipeline compare --stage train_baseline --sort test_accuracy --format markdown
+    """
+    from pipeline.compare import RunFilter, compare, default_experiment, parse_tags
+
+    run_filter = RunFilter(stage=stage, dvc_exp=dvc_exp, tags=parse_tags(tag or []))
+    text = compare(experiment or default_experiment(params), run_filter, metric or [], param or [],
+                   sort, ascending, output_format.value)
+    typer.echo(text, nl=False)
+
+
 def main() -> None:
     """Console entry point: user errors as one line, Ctrl-C and SIGTERM as exit codes."""
+    # TensorFlow's C++ start-up chatter (oneDNN notes, CPU feature lists) is not for users.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     signal.signal(signal.SIGTERM, raise_killed)
     try:
         app()

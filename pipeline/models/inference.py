@@ -1,0 +1,114 @@
+"""Batched inference of several classifiers that share their first layers, in one pass.
+
+The feature-extraction and fine-tuned VGG16 classifiers are identical below the fine-tuned
+layers (block1..block4 keep their ImageNet weights): running both on every test photo would
+compute those layers twice, and they are most of VGG16's cost. `predict_together` finds the
+deepest layer up to which the models are the same (same layer names, types and weights),
+runs that part once per batch, and branches into each model's remaining layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+
+from pipeline.viz.activations import layer_input, layer_output
+
+
+def logit_model(model: keras.Model) -> tuple[keras.Model, bool]:
+    """(`model` ending in its logits, True) when its last layer is a Dense sigmoid or softmax,
+    else (`model`, False).
+
+    Why: from a probability of exactly 1.0 (float32 saturates near a logit of 17) the loss
+    of a wrong prediction can no longer be computed; Keras' own `evaluate` uses the logits
+    then. The returned model shares every weight with `model`.
+    """
+    from pipeline.viz.gradcam import DenseLogits, probability_layer
+
+    last = probability_layer(model)
+    if last is None:
+        return model, False
+    logits = DenseLogits(last, name=f"{last.name}_logits")(layer_input(model, last.name))
+    return keras.Model(model.inputs, logits, name=f"{model.name}_logits"), True
+
+
+def layer_chain(model: keras.Model) -> list[keras.Layer] | None:
+    """`model`'s layers (input layer excluded) when each feeds exactly the next, else None."""
+    chain = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    if not chain or layer_input(model, chain[0].name) is not model.inputs[0]:
+        return None
+    for previous, layer in zip(chain, chain[1:]):
+        if layer_input(model, layer.name) is not layer_output(model, previous.name):
+            return None
+    if layer_output(model, chain[-1].name) is not model.outputs[0]:
+        return None
+    return chain
+
+
+def _same_layer(first: keras.Layer, second: keras.Layer) -> bool:
+    if first.name != second.name or type(first) is not type(second):
+        return False
+    if first.get_config() != second.get_config():
+        return False
+    weights = first.get_weights(), second.get_weights()
+    return len(weights[0]) == len(weights[1]) and all(np.array_equal(a, b) for a, b in zip(*weights))
+
+
+def shared_depth(chains: Sequence[Sequence[keras.Layer]]) -> int:
+    """How many leading layers every chain has in common (0 = none), never the last layer."""
+    depth = 0
+    shortest = min(len(chain) for chain in chains)
+    while depth < shortest - 1 and all(_same_layer(chains[0][depth], chain[depth]) for chain in chains[1:]):
+        depth += 1
+    return depth
+
+
+def split_models(models: Sequence[keras.Model]) -> tuple[keras.Model, list[keras.Model]] | None:
+    """(the shared first layers as one model, each model's remaining layers as a model).
+
+    Built from the models' own layers (same weights, nothing copied); `tops[i](shared(x))`
+    is `models[i](x)`. None when a model is not a simple chain of layers, the models take
+    different inputs, or they share no layer.
+    """
+    chains = [layer_chain(model) for model in models]
+    if any(chain is None for chain in chains):
+        return None
+    if len({tuple(model.inputs[0].shape[1:]) for model in models}) != 1:
+        return None
+    depth = shared_depth(chains)
+    if depth == 0:
+        return None
+    image = keras.Input(shape=models[0].inputs[0].shape[1:], dtype=models[0].inputs[0].dtype)
+    shared = _apply(chains[0][:depth], image)
+    tops = []
+    for model, chain in zip(models, chains):
+        features = keras.Input(shape=shared.shape[1:], dtype=shared.dtype)
+        tops.append(keras.Model(features, _apply(chain[depth:], features), name=f"{model.name}_top"))
+    return keras.Model(image, shared, name="shared_layers"), tops
+
+
+def _apply(layers: Sequence[keras.Layer], x):
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+def predict_together(models: Sequence[keras.Model], images: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Each model's outputs on `images`, batched, computing the layers they share once.
+
+    In: models taking the same input, images in that input's format (uint8 is fine: each
+    batch is cast on its own, so the whole set is never held as float32). Out: one array per
+    model, in order, equal to `model.predict(images)` up to float rounding.
+    """
+    split = split_models(models) if len(models) > 1 else None
+    if split is None:
+        return [model.predict(images, batch_size=batch_size, verbose=0) for model in models]
+    shared, tops = split
+    outputs: list[list[np.ndarray]] = [[] for _ in models]
+    for start in range(0, len(images), batch_size):
+        features = shared.predict_on_batch(images[start : start + batch_size])
+        for top, collected in zip(tops, outputs):
+            collected.append(np.asarray(top.predict_on_batch(features)))
+    return [np.concatenate(collected) for collected in outputs]

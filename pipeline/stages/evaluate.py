@@ -1,0 +1,228 @@
+"""evaluate: every model scored on its own test split, with the pictures of what it got wrong.
+
+The baseline on the MNIST test digits; models/head.keras ("feature_extraction") and
+models/finetuned.keras ("fine_tuning") on the test photos, raw photos in, so the saved
+models are checked end to end. Writes metrics/evaluate.json (per model: test_accuracy,
+test_loss, test_samples, per-class precision/recall/f1) and plots/evaluate/: per model a
+confusion CSV (one `actual,predicted` row per test sample: a DVC confusion plot), the
+confusion matrix and the misclassified examples as PNGs, and Grad-CAM heat maps of the
+fine-tuned model over test photos. One MLflow run, like every stage.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import UserError
+from pipeline.params import EvaluateParams, load_params
+from pipeline.stages.common import require
+
+STAGE = "evaluate"
+MNIST = Path("data/prepared/mnist.npz")
+IMAGES = Path("data/prepared/images.npz")
+# Model name in evaluate.json -> (saved model, stage that writes it, test data).
+MODELS = {
+    "baseline": (Path("models/baseline.keras"), "train_baseline", MNIST),
+    "feature_extraction": (Path("models/head.keras"), "train_head", IMAGES),
+    "fine_tuning": (Path("models/finetuned.keras"), "finetune", IMAGES),
+}
+METRICS = Path("metrics/evaluate.json")
+PLOTS = Path("plots/evaluate")
+GRADCAM_MODEL = "fine_tuning"
+
+
+@dataclass
+class LabelledImages:
+    images: np.ndarray  # (N, H, W, C) in the model's input format
+    labels: np.ndarray  # (N,) integer classes
+    class_names: list[str]
+
+
+@dataclass
+class Evaluated:
+    """One model's outputs on its test set and the scores computed from them."""
+
+    test: LabelledImages
+    outputs: np.ndarray  # the model's outputs (N, K) or (N, 1): its logits when from_logits
+    from_logits: bool
+    scores: dict
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        from pipeline.evaluation import class_probabilities
+
+        return class_probabilities(self.outputs, self.from_logits)
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.probabilities.argmax(axis=1)
+
+
+def load_test_sets() -> dict[Path, LabelledImages]:
+    """The MNIST and photo test splits (images as stored: float [0, 1] digits, uint8 photos)."""
+    from pipeline.evaluation import label_indices
+
+    with np.load(MNIST) as data:
+        labels = label_indices(data["y_test"])
+        digits = LabelledImages(data["x_test"], labels, [str(i) for i in range(data["y_test"].shape[1])])
+    with np.load(IMAGES) as data:
+        class_names = [str(name) for name in data["class_names"]]
+        photos = LabelledImages(data["x_test"], label_indices(data["y_test"]), class_names)
+    return {MNIST: digits, IMAGES: photos}
+
+
+def predict_all(models: dict, test_sets: dict[Path, LabelledImages], batch_size: int) -> tuple[dict, dict]:
+    """Each model's (outputs, from_logits) on its test set, and inference timings per test set.
+
+    The outputs are the logits when a model ends in a sigmoid or softmax (so the loss is
+    exact, as in Keras' evaluate). Models that take the same test set run together, so the
+    layers they share (VGG16's frozen blocks) are computed once per photo. Timings:
+    `inference_seconds.<set>` and `samples_per_second.<set>` (set = "mnist" or "images").
+    """
+    from pipeline.models.inference import logit_model, predict_together
+
+    outputs: dict[str, tuple[np.ndarray, bool]] = {}
+    timings: dict[str, float] = {}
+    for data, test in test_sets.items():
+        names = [name for name, (_, _, model_data) in MODELS.items() if model_data == data]
+        scorers = [logit_model(models[name]) for name in names]
+        started = time.perf_counter()
+        results = predict_together([scorer for scorer, _ in scorers], test.images, batch_size)
+        seconds = time.perf_counter() - started
+        for name, result, (_, from_logits) in zip(names, results, scorers):
+            outputs[name] = (result, from_logits)
+        timings[f"inference_seconds.{data.stem}"] = round(seconds, 3)
+        timings[f"samples_per_second.{data.stem}"] = round(len(test.images) / max(seconds, 1e-9), 2)
+    return outputs, timings
+
+
+def gradcam_figure_for(model, evaluated: Evaluated, p: EvaluateParams):
+    """Grad-CAM over `p.gradcam.photos` test photos (up to half misclassified), titled
+    with the true class, the predicted class and the model's confidence in it."""
+    from pipeline.evaluation import pick_examples
+    from pipeline.viz.gradcam import grad_cam, gradcam_figure
+
+    conv_layers = [layer.name for layer in model.layers if "conv" in type(layer).__name__.lower()]
+    if p.gradcam.layer not in conv_layers:
+        raise UserError(
+            f"evaluate.gradcam.layer: {p.gradcam.layer!r} is not a conv layer of the fine-tuned model "
+            f"(last ones: {', '.join(conv_layers[-3:])})"
+        )
+    test, predicted = evaluated.test, evaluated.predicted
+    chosen = pick_examples(test.labels, predicted, p.gradcam.photos)
+    images = test.images[chosen]
+    heatmaps = grad_cam(model, images.astype(np.float32), p.gradcam.layer, None)
+    confidence = evaluated.probabilities[chosen, predicted[chosen]]
+    names = test.class_names
+    titles = [
+        f"{'WRONG ' if test.labels[i] != predicted[i] else ''}true {names[test.labels[i]]} / "
+        f"pred {names[predicted[i]]} ({conf:.0%})"
+        for i, conf in zip(chosen, confidence)
+    ]
+    figure = gradcam_figure(images, heatmaps, titles)
+    figure.suptitle(f"Grad-CAM at {p.gradcam.layer}: where the fine-tuned model saw its predicted class",
+                    fontsize=10)
+    return figure
+
+
+def model_figures(name: str, evaluated: Evaluated, p: EvaluateParams) -> dict:
+    """{file name: Figure}: the confusion matrix and the misclassified examples of one model."""
+    from pipeline.evaluation import confusion
+    from pipeline.viz.confusion import confusion_matrix_figure, misclassified_figure
+
+    test = evaluated.test
+    matrix = confusion(test.labels, evaluated.predicted, len(test.class_names))
+    return {
+        f"confusion_{name}.png": confusion_matrix_figure(matrix, test.class_names, name.replace("_", " ")),
+        f"misclassified_{name}.png": misclassified_figure(
+            test.images, test.labels, evaluated.predicted, test.class_names, p.misclassified
+        ),
+    }
+
+
+def write_plots(folder: Path, evaluated: dict[str, Evaluated], figures: dict) -> None:
+    """The confusion CSVs (class names, one row per test sample) and the figures, as PNGs."""
+    import pandas as pd
+
+    for name, result in evaluated.items():
+        names = np.asarray(result.test.class_names)
+        frame = pd.DataFrame({"actual": names[result.test.labels], "predicted": names[result.predicted]})
+        frame.to_csv(folder / f"confusion_{name}.csv", index=False)
+    for file_name, figure in figures.items():
+        figure.savefig(folder / file_name, dpi=100)
+
+
+def mlflow_metrics(results: dict[str, dict]) -> dict[str, float]:
+    """evaluate.json flattened to MLflow metric names: `model.test_accuracy`,
+    `model.precision.CLASS` (class names reduced to the characters MLflow accepts)."""
+    flat = {}
+    for model, scores in results.items():
+        for key in ("test_accuracy", "test_loss", "test_samples"):
+            flat[f"{model}.{key}"] = float(scores[key])
+        for class_name, values in scores["per_class"].items():
+            safe = re.sub(r"[^\w.\- /]", "_", class_name)
+            for key in ("precision", "recall", "f1"):
+                flat[f"{model}.{key}.{safe}"] = values[key]
+    return flat
+
+
+def evaluate_models(
+    models: dict, test_sets: dict[Path, LabelledImages], p: EvaluateParams
+) -> tuple[dict[str, Evaluated], dict]:
+    """({model name: Evaluated}, inference timings): every model's outputs and scores."""
+    from pipeline.evaluation import score
+
+    outputs, timings = predict_all(models, test_sets, p.batch_size)
+    evaluated = {}
+    for name, (_, _, data) in MODELS.items():
+        test, (result, from_logits) = test_sets[data], outputs[name]
+        scores = score(test.labels, result, test.class_names, from_logits)
+        evaluated[name] = Evaluated(test, result, from_logits, scores)
+    return evaluated, timings
+
+
+def all_figures(models: dict, evaluated: dict[str, Evaluated], p: EvaluateParams) -> dict:
+    """{file name: Figure}: each model's confusion matrix and mistakes, and the Grad-CAM maps."""
+    figures: dict = {}
+    for name, result in evaluated.items():
+        figures.update(model_figures(name, result, p))
+    gradcam = gradcam_figure_for(models[GRADCAM_MODEL], evaluated[GRADCAM_MODEL], p)
+    figures[f"gradcam_{GRADCAM_MODEL}.png"] = gradcam
+    return figures
+
+
+def run(params_file: Path) -> None:
+    import keras
+    import mlflow
+
+    import pipeline.models.vgg  # noqa: F401 - registers VGGPreprocess, which the VGG models hold
+    from pipeline.files import atomic_path, write_json
+    from pipeline.tracking import stage_run
+
+    params = load_params(params_file)
+    p = params.evaluate
+    for path, stage, data in MODELS.values():
+        require(data, stage="prepare_mnist" if data == MNIST else "prepare_images")
+        require(path, stage=stage)
+    test_sets = load_test_sets()
+    inputs = [MNIST, IMAGES] + [path for path, _, _ in MODELS.values()]
+    with stage_run(STAGE, {"evaluate": p.model_dump()}, inputs, params.mlflow.experiment) as run:
+        models = {name: keras.models.load_model(path) for name, (path, _, _) in MODELS.items()}
+        evaluated, timings = evaluate_models(models, test_sets, p)
+        figures = all_figures(models, evaluated, p)
+        # The run id in each model's entry ties evaluate.json to this MLflow run.
+        results = {name: {**result.scores, "mlflow_run_id": run.info.run_id} for name, result in evaluated.items()}
+        with atomic_path(PLOTS, directory=True) as plots:
+            write_plots(plots, evaluated, figures)
+        write_json(METRICS, results)
+        mlflow.log_metrics({**mlflow_metrics(results), **timings})
+        mlflow.log_artifacts(str(PLOTS), artifact_path="plots")
+        mlflow.log_artifact(str(METRICS))
+    for name, result in results.items():
+        print(f"{name}: test accuracy {result['test_accuracy']:.4f}, loss {result['test_loss']:.4f} "
+              f"on {result['test_samples']} samples")

@@ -1,0 +1,267 @@
+"""report: the filter pictures, then reports/report.md and a self-contained reports/report.html.
+
+Reads every model, the test data, the metrics and plots of the training and evaluate stages,
+data/raw/images_report.json and the MLflow runs of the experiment; draws the filter pictures
+(hand-made vs learned filters, gradient-ascent patterns, activation maps) for the baseline
+and the fine-tuned VGG16; writes reports/ (report.md, report.html, figures/) atomically and
+logs it, with the pictures' cost, as this stage's MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import UserError
+from pipeline.params import Params, load_params
+from pipeline.reporting.content import Figures, ModelResult, ReportInputs
+from pipeline.reporting.render import Picture, Report
+from pipeline.stages.common import require
+
+STAGE = "report"
+REPORTS = Path("reports")
+MNIST = Path("data/prepared/mnist.npz")
+IMAGES = Path("data/prepared/images.npz")
+IMAGES_REPORT = Path("data/raw/images_report.json")
+WEIGHTS = Path("data/raw/weights/vgg16_notop.h5")
+EVALUATE_METRICS = Path("metrics/evaluate.json")
+EVALUATE_PLOTS = Path("plots/evaluate")
+
+
+class Trained(NamedTuple):
+    """A trained model as the report knows it: its names and the training stage's outputs."""
+
+    title: str  # what a reader calls it
+    data: str  # what it is tested on
+    stage: str  # the training stage
+    metrics: Path
+    plots: Path
+    model: Path
+
+
+# Keyed like evaluate.json.
+MODELS = {
+    "baseline": Trained("Baseline convnet", "MNIST test digits", "train_baseline",
+                        Path("metrics/baseline.json"), Path("plots/baseline"), Path("models/baseline.keras")),
+    "feature_extraction": Trained("VGG16 feature extraction", "test photos", "train_head",
+                                  Path("metrics/head.json"), Path("plots/head"), Path("models/head.keras")),
+    "fine_tuning": Trained("VGG16 fine-tuned", "test photos", "finetune",
+                           Path("metrics/finetune.json"), Path("plots/finetune"), Path("models/finetuned.keras")),
+}
+# Stages whose MLflow runs the timing table lists, in pipeline order.
+TRACKED_STAGES = ("train_baseline", "train_head", "finetune", "evaluate")
+TRAINING_STAGES = ("train_baseline", "train_head", "finetune")
+
+
+def picture(path: Path, caption: str, file_name: str | None = None) -> Picture:
+    """A PNG file as a report picture (figures/<file_name or the file's own name>)."""
+    return Picture(file_name or path.name, path.read_bytes(), caption)
+
+
+def key_params(name: str, params: Params) -> dict[str, object]:
+    """The params that define each model, for the results table."""
+    if name == "baseline":
+        b = params.baseline
+        return {"conv_filters": b.conv_filters, "kernel": b.kernel_size, "padding": b.padding,
+                "strides": b.strides, "pool": b.pool_size, "dense": b.dense_units, "dropout": b.dropout,
+                "optimizer": b.optimizer, "lr": b.learning_rate, "batch": b.batch_size}
+    if name == "feature_extraction":
+        h = params.head
+        return {"pooling": h.pooling, "units": h.units, "dropout": h.dropout, "optimizer": h.optimizer,
+                "lr": h.learning_rate, "batch": h.batch_size, "image size": params.images.size}
+    f = params.finetune
+    return {"unfreeze": f.unfreeze, "optimizer": f.optimizer, "lr": f.learning_rate,
+            "batch": f.batch_size, "augment": f.augment}
+
+
+def spatial_shapes(model) -> list[tuple[str, tuple]]:
+    """(layer, output shape) for the input and every conv and pooling layer."""
+    from pipeline.reporting.visualize import feature_map_layer_names
+    from pipeline.viz.activations import layer_output
+
+    shapes = [("input", tuple(model.inputs[0].shape[1:]))]
+    layers = feature_map_layer_names(model)
+    return shapes + [(name, tuple(layer_output(model, name).shape[1:])) for name in layers]
+
+
+def model_results(params: Params, evaluation: dict, models: dict) -> list[ModelResult]:
+    results = []
+    for name, trained in MODELS.items():
+        results.append(ModelResult(
+            name=name, title=trained.title, data=trained.data,
+            training=json.loads(trained.metrics.read_text()),
+            evaluation=evaluation[name],
+            key_params=key_params(name, params),
+            summary=(trained.plots / "summary.txt").read_text(encoding="utf-8"),
+            shapes=spatial_shapes(models[name]),
+        ))
+    return results
+
+
+def test_image(path: Path, index: int) -> np.ndarray:
+    with np.load(path) as data:
+        images = data["x_test"]
+        if index >= len(images):
+            raise UserError(f"report.image_index: {index} is past the {len(images)} test images of {path}")
+        return images[index]
+
+
+def first_conv_of_each_block(model) -> list[str]:
+    """block1_conv1, block2_conv1, ... block5_conv1 of a VGG model (else all its conv layers):
+    one layer per depth keeps the gradient ascent cheap and still shows the whole range."""
+    from pipeline.reporting.visualize import conv_layer_names
+
+    names = conv_layer_names(model)
+    return [name for name in names if name.endswith("_conv1")] or names
+
+
+def draw_filters(params: Params, models: dict) -> tuple[Figures, dict[str, float]]:
+    """The filter pictures of the baseline (on a test digit) and the fine-tuned VGG16 (on a
+    test photo), and what each kind cost in seconds."""
+    from pipeline.reporting.visualize import conv_layer_names, filter_pictures
+
+    p = params.report
+    figures = Figures()
+    seconds: dict[str, float] = {}
+    targets = [
+        ("baseline", "Baseline convnet", test_image(MNIST, p.image_index),
+         conv_layer_names(models["baseline"]), p.patterns.baseline_size, (0.0, 1.0)),
+        ("fine_tuning", "VGG16 fine-tuned", test_image(IMAGES, p.image_index),
+         first_conv_of_each_block(models["fine_tuning"]), p.patterns.vgg_size, (0.0, 255.0)),
+    ]
+    for name, title, image, layers, size, value_range in targets:
+        drawn = filter_pictures(models[name], image, layers, p.classic, p.patterns, size, value_range,
+                                p.activation_channels, params.seed, title)
+        seconds.update({f"{name}.{kind}": value for kind, value in drawn.seconds.items()})
+        figures.classic.append(Picture(f"classic_{name}.png", drawn.classic,
+                                       f"{title}: hand-made filters vs learned first-layer filters"))
+        figures.patterns.append(Picture(f"patterns_{name}.png", drawn.patterns,
+                                        f"{title}: what the first filters of {', '.join(layers)} respond to"))
+        for layer, png in drawn.activations.items():
+            caption = f"{title}: activations of {layer} for test image {p.image_index}"
+            figures.activations.append(Picture(f"activations_{name}_{layer}.png", png, caption))
+    return figures, seconds
+
+
+def stage_figures(figures: Figures) -> None:
+    """Add the pictures the training and evaluate stages already drew."""
+    for name, trained in MODELS.items():
+        title = trained.title
+        figures.curves.append(picture(trained.plots / "curves.png", f"{title}: training curves",
+                                      f"curves_{name}.png"))
+        figures.evaluation.append(picture(EVALUATE_PLOTS / f"confusion_{name}.png",
+                                          f"{title}: confusion matrix"))
+        figures.evaluation.append(picture(EVALUATE_PLOTS / f"misclassified_{name}.png",
+                                          f"{title}: misclassified test examples (true / predicted)"))
+    for path in sorted(EVALUATE_PLOTS.glob("gradcam_*.png")):
+        figures.gradcam.append(picture(path, "Grad-CAM heat maps of the fine-tuned model on test photos"))
+
+
+def provenance(params: Params) -> dict:
+    """Sources, hashes, counts and skipped files of the data the models saw."""
+    from pipeline.files import sha256_file
+
+    with np.load(MNIST) as data:
+        mnist_splits = {split: int(data[f"x_{split}"].shape[0]) for split in ("train", "validation", "test")}
+    with np.load(IMAGES) as data:
+        class_names = [str(n) for n in data["class_names"]]
+        image_splits = {
+            split: {name: int(np.sum(data[f"y_{split}"] == i)) for i, name in enumerate(class_names)}
+            for split in ("train", "validation", "test")
+        }
+    downloaded = json.loads(IMAGES_REPORT.read_text()) if IMAGES_REPORT.exists() else {}
+    source = downloaded.get("source", {})
+    return {
+        "mnist": {"files": params.mnist.files.model_dump(), "splits": mnist_splits},
+        "images": {**downloaded, "url": source.get("url", params.images.url),
+                   "sha256": source.get("sha256", params.images.sha256),
+                   "size": params.images.size, "splits": image_splits},
+        "weights": {"source": params.vgg16.weights,
+                    "sha256": sha256_file(WEIGHTS) if WEIGHTS.exists() else None},
+    }
+
+
+def mlflow_tables(experiment: str, run_ids: dict[str, str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(timings, comparison with the best earlier runs) from every run of the experiment."""
+    import mlflow
+
+    from pipeline.reporting.runs import best_runs_table, timings_table
+
+    found = mlflow.get_experiment_by_name(experiment)
+    runs = mlflow.search_runs(experiment_ids=[found.experiment_id]) if found else None
+    if runs is None or runs.empty:
+        return pd.DataFrame(), pd.DataFrame()
+    return timings_table(runs, TRACKED_STAGES, run_ids), best_runs_table(runs, TRAINING_STAGES, run_ids)
+
+
+def mlflow_run_ids(evaluation: dict) -> dict[str, str]:
+    """{stage: the MLflow run whose outputs the report shows}, from the metrics files."""
+    run_ids = {trained.stage: json.loads(trained.metrics.read_text()).get("mlflow_run_id")
+               for trained in MODELS.values()}
+    run_ids["evaluate"] = next(iter(evaluation.values())).get("mlflow_run_id")
+    return run_ids
+
+
+def write_report(report: Report, folder: Path) -> None:
+    """report.md, report.html and figures/ into `folder`."""
+    from pipeline.reporting.render import to_html, to_markdown
+
+    (folder / "figures").mkdir()
+    for item in report.pictures():
+        (folder / "figures" / item.file_name).write_bytes(item.png)
+    (folder / "report.md").write_text(to_markdown(report), encoding="utf-8")
+    (folder / "report.html").write_text(to_html(report), encoding="utf-8")
+
+
+def make_report(params: Params, active_run) -> tuple[Report, dict[str, float]]:
+    """The whole report, and what its filter pictures cost (seconds, by kind)."""
+    import keras
+
+    import pipeline.models.vgg  # noqa: F401 - registers VGGPreprocess, which the VGG models hold
+    from pipeline.reporting.content import build_report
+
+    evaluation = json.loads(EVALUATE_METRICS.read_text())
+    models = {name: keras.models.load_model(trained.model) for name, trained in MODELS.items()}
+    started = time.perf_counter()
+    figures, seconds = draw_filters(params, models)
+    seconds["total"] = round(time.perf_counter() - started, 2)
+    stage_figures(figures)
+    timings, earlier = mlflow_tables(params.mlflow.experiment, mlflow_run_ids(evaluation))
+    commit = active_run.data.tags.get("mlflow.source.git.commit", "none")[:8]
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    report = build_report(ReportInputs(
+        models=model_results(params, evaluation, models), figures=figures, provenance=provenance(params),
+        timings=timings, earlier=earlier, visualize_seconds=seconds,
+        generated=f"Generated {now} from commit {commit} (MLflow run {active_run.info.run_id[:8]} of the report).",
+    ))
+    return report, seconds
+
+
+def run(params_file: Path) -> None:
+    import mlflow
+
+    from pipeline.files import atomic_path
+    from pipeline.tracking import stage_run
+
+    params = load_params(params_file)
+    require(EVALUATE_METRICS, EVALUATE_PLOTS, stage="evaluate")
+    for trained in MODELS.values():
+        require(trained.metrics, trained.plots, trained.model, stage=trained.stage)
+    require(MNIST, stage="prepare_mnist")
+    require(IMAGES, stage="prepare_images")
+    inputs = [EVALUATE_METRICS, EVALUATE_PLOTS, MNIST, IMAGES] + [trained.model for trained in MODELS.values()]
+    stage_params = {"seed": params.seed, "report": params.report.model_dump()}
+    with stage_run(STAGE, stage_params, inputs, params.mlflow.experiment) as active:
+        report, seconds = make_report(params, active)
+        with atomic_path(REPORTS, directory=True) as folder:
+            write_report(report, folder)
+        mlflow.log_metrics({f"visualize_seconds.{key}": value for key, value in seconds.items()})
+        mlflow.log_artifacts(str(REPORTS), artifact_path="report")
+    print(f"wrote {REPORTS / 'report.md'} and {REPORTS / 'report.html'} "
+          f"({len(report.pictures())} pictures; filter pictures took {seconds['total']:.1f} s)")

@@ -1,0 +1,170 @@
+"""`pipeline compare`: MLflow runs filtered by stage, DVC experiment and tags, as tables."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pandas as pd
+import pytest
+
+from pipeline.compare import RunFilter, compare, parse_tags
+from pipeline.errors import UserError
+
+DROPOUTS = (0.1, 0.3, 0.5)
+ACCURACIES = (0.91, 0.97, 0.94)
+
+
+def log_run(stage: str, params: dict, metrics: dict, tags: dict | None = None) -> str:
+    import mlflow
+
+    with mlflow.start_run(tags={"pipeline.stage": stage, **(tags or {})}) as run:
+        mlflow.log_params(params)
+        mlflow.log_metrics(metrics)
+    return run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A temp sqlite store: three train_baseline runs that differ only in dropout (one per DVC
+    experiment), a train_head run, and an empty experiment."""
+    import mlflow
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        mlflow.create_experiment("empty", artifact_location=(root / "empty").as_uri())
+        mlflow.set_experiment(experiment_id=mlflow.create_experiment("tiny", (root / "art").as_uri()))
+        for i, (dropout, accuracy) in enumerate(zip(DROPOUTS, ACCURACIES)):
+            params = {"baseline.dropout": dropout, "baseline.epochs": 5, "seed": 42}
+            metrics = {"test_accuracy": accuracy, "test_loss": 1 - accuracy, "seconds_per_epoch": 2.0}
+            log_run("train_baseline", params, metrics, {"dvc.exp_name": f"exp-{i}", "owner": "ana" if i else "bo"})
+        log_run("train_head", {"head.units": 256, "seed": 42}, {"test_accuracy": 0.8})
+    yield uri
+
+
+@pytest.fixture
+def tracking(store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+
+
+def as_frame(text: str) -> pd.DataFrame:
+    return pd.read_csv(io.StringIO(text))
+
+
+def test_three_runs_that_differ_in_dropout_give_three_rows_with_dropout_and_accuracy(tracking):
+    table = as_frame(compare("tiny", RunFilter(stage="train_baseline"), fmt="csv"))
+    assert len(table) == 3
+    # Only the param that differs is shown by default; the shared ones (epochs, seed) are not.
+    assert "baseline.dropout" in table.columns
+    assert "baseline.epochs" not in table.columns and "seed" not in table.columns
+    rows = dict(zip(table["baseline.dropout"], table["test_accuracy"]))
+    assert rows == dict(zip(DROPOUTS, ACCURACIES))
+    assert {"run_id", "stage", "dvc_exp", "test_loss", "seconds_per_epoch"} <= set(table.columns)
+
+
+def test_filter_by_stage(tracking):
+    table = as_frame(compare("tiny", RunFilter(stage="train_head"), fmt="csv"))
+    assert list(table["stage"]) == ["train_head"] and table["test_accuracy"].tolist() == [0.8]
+
+
+def test_filter_by_dvc_experiment_and_by_tag(tracking):
+    table = as_frame(compare("tiny", RunFilter(dvc_exp="exp-1"), params=["baseline.dropout"], fmt="csv"))
+    assert table["dvc_exp"].tolist() == ["exp-1"] and table["baseline.dropout"].tolist() == [0.3]
+    table = as_frame(compare("tiny", RunFilter(tags=parse_tags(["owner=ana"])), fmt="csv"))
+    assert sorted(table["dvc_exp"]) == ["exp-1", "exp-2"]
+
+
+def test_all_stages_together_differ_only_where_both_have_the_param(tracking):
+    table = as_frame(compare("tiny", RunFilter(), fmt="csv"))
+    assert len(table) == 4
+    # head.units exists in one run only: not a difference. seed is the same everywhere.
+    assert "head.units" not in table.columns and "seed" not in table.columns
+
+
+def test_chosen_columns_and_sort(tracking):
+    text = compare("tiny", RunFilter(stage="train_baseline"), metrics=["test_loss"],
+                   params=["baseline.epochs"], sort="test_loss", ascending=True, fmt="csv")
+    table = as_frame(text)
+    assert "test_accuracy" not in table.columns and "baseline.dropout" not in table.columns
+    assert table["test_loss"].tolist() == sorted(table["test_loss"])
+    assert set(table["baseline.epochs"]) == {5}
+    best_first = as_frame(compare("tiny", RunFilter(stage="train_baseline"), sort="test_accuracy", fmt="csv"))
+    assert best_first["test_accuracy"].tolist() == sorted(ACCURACIES, reverse=True)
+
+
+def test_formats(tracking):
+    run_filter = RunFilter(stage="train_baseline")
+    markdown = compare("tiny", run_filter, fmt="markdown")
+    assert markdown.splitlines()[0].startswith("| run_id") and "baseline.dropout" in markdown.splitlines()[0]
+    assert len(markdown.splitlines()) == 2 + 3
+    records = json.loads(compare("tiny", run_filter, fmt="json"))
+    assert len(records) == 3 and len(records[0]["run_id"]) == 32  # machine formats keep whole ids
+    table = compare("tiny", run_filter, fmt="table")
+    assert "baseline.dropout" in table.splitlines()[0] and len(table.splitlines()) == 4
+
+
+@pytest.mark.parametrize(
+    ("experiment", "run_filter", "message"),
+    [
+        ("nope", RunFilter(), "no MLflow experiment named 'nope'.*experiments: .*tiny"),
+        ("empty", RunFilter(), "no runs in experiment 'empty' match no filter"),
+        ("tiny", RunFilter(stage="train_baseline", dvc_exp="exp-9"), "match pipeline.stage=train_baseline, dvc.exp_name=exp-9"),
+    ],
+)
+def test_unknown_experiment_or_no_runs_is_one_clear_line(tracking, experiment, run_filter, message):
+    with pytest.raises(UserError, match=message) as error:
+        compare(experiment, run_filter)
+    assert "\n" not in str(error.value)
+
+
+def test_unknown_columns_and_bad_tags_are_user_errors(tracking):
+    with pytest.raises(UserError, match="--metric f1: no matching run has it .*test_accuracy"):
+        compare("tiny", RunFilter(), metrics=["f1"])
+    with pytest.raises(UserError, match="--sort nope: not a column"):
+        compare("tiny", RunFilter(), sort="nope")
+    with pytest.raises(UserError, match="expected KEY=VALUE"):
+        parse_tags(["owner"])
+
+
+def test_a_missing_embedded_store_is_not_created(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="no MLflow store at"):
+        compare("tiny", RunFilter())
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_cli_options(tracking, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    args = ["compare", "-e", "tiny", "--stage", "train_baseline", "--tag", "owner=ana",
+            "--metric", "test_accuracy", "--param", "baseline.dropout", "--sort", "baseline.dropout",
+            "--ascending", "--format", "csv"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    table = as_frame(result.output)
+    assert table["baseline.dropout"].tolist() == [0.3, 0.5]
+    assert table["test_accuracy"].tolist() == [0.97, 0.94]
+    help_text = CliRunner().invoke(app, ["compare", "--help"]).output
+    for option in ("--experiment", "--stage", "--tag", "--dvc-exp", "--metric", "--param", "--sort", "--format"):
+        assert option in help_text
+
+
+@pytest.mark.parametrize("inside", ["", ".dvc/tmp/exps/run1/project"])
+def test_store_location_matches_the_stages(tmp_path, monkeypatch, inside):
+    from pipeline.compare import tracking_uri as compare_uri
+    from pipeline.tracking import tracking_uri as stages_uri
+
+    folder = tmp_path / inside
+    folder.mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(folder)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert compare_uri() == stages_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/mlflow.db")
+    assert compare_uri() == stages_uri() == "sqlite:////elsewhere/mlflow.db"

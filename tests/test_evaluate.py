@@ -1,0 +1,182 @@
+"""evaluate: scores against hand-computed numbers, shared-layer inference, the stage's outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.evaluation import class_probabilities, cross_entropy, pick_examples, score
+
+# 3 classes, 10 samples. Confusion (rows actual, columns predicted):
+#   a: [2, 1, 0]    b: [1, 3, 0]    c: [0, 1, 2]
+ACTUAL = np.array([0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
+PREDICTED = np.array([0, 0, 1, 0, 1, 1, 1, 1, 2, 2])
+
+
+def test_per_class_metrics_match_the_hand_computed_confusion():
+    outputs = np.eye(3)[PREDICTED]  # one-hot "probabilities": argmax is PREDICTED
+    scores = score(ACTUAL, outputs, ["a", "b", "c"])
+    assert scores["test_samples"] == 10
+    assert scores["test_accuracy"] == pytest.approx(7 / 10)
+    per_class = scores["per_class"]
+    # precision = diagonal / column sum, recall = diagonal / row sum.
+    assert per_class["a"]["precision"] == pytest.approx(2 / 3)
+    assert per_class["a"]["recall"] == pytest.approx(2 / 3)
+    assert per_class["b"]["precision"] == pytest.approx(3 / 5)
+    assert per_class["b"]["recall"] == pytest.approx(3 / 4)
+    assert per_class["c"]["precision"] == pytest.approx(2 / 2)
+    assert per_class["c"]["recall"] == pytest.approx(2 / 3)
+    assert per_class["b"]["f1"] == pytest.approx(2 * 0.6 * 0.75 / (0.6 + 0.75))
+    assert [per_class[name]["support"] for name in "abc"] == [3, 4, 3]
+
+
+def test_a_class_never_predicted_scores_zero_not_nan():
+    scores = score(np.array([0, 1, 1]), np.eye(2)[[1, 1, 1]], ["never", "always"])
+    assert scores["per_class"]["never"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    json.dumps(scores, allow_nan=False)
+
+
+def test_one_hot_labels_and_sigmoid_outputs():
+    scores = score(np.eye(2)[[0, 1, 1]], np.array([[0.2], [0.9], [0.4]]), ["cat", "dog"])
+    assert scores["test_accuracy"] == pytest.approx(2 / 3)
+    assert scores["test_loss"] == pytest.approx(-np.mean(np.log([0.8, 0.9, 0.4])))
+
+
+def test_loss_equals_keras_evaluate_even_when_the_sigmoid_saturates():
+    import keras
+
+    from pipeline.models.inference import logit_model
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(inputs))
+    model.layers[-1].set_weights([np.array([[30.0], [-1.0]], np.float32), np.zeros(1, np.float32)])
+    model.compile(loss="binary_crossentropy")
+    x = np.array([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]], np.float32)  # logits 30, -1, 60
+    y = np.array([0, 0, 1])
+    expected = model.evaluate(x, y, verbose=0)
+    assert model.predict(x, verbose=0)[0, 0] == 1.0  # saturated: probabilities lose the loss
+    logits, from_logits = logit_model(model)
+    assert from_logits
+    outputs = logits.predict(x, verbose=0)
+    assert cross_entropy(y, outputs, from_logits=True) == pytest.approx(expected, rel=1e-5)
+    assert class_probabilities(outputs, from_logits=True)[:, 1] == pytest.approx([1.0, 0.2689414, 1.0])
+
+
+def test_softmax_logits_loss():
+    logits = np.array([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+    expected = -np.mean(np.log([np.exp(2) / (np.exp(2) + 1 + np.exp(-1)), 1 / 3]))
+    assert cross_entropy(np.array([0, 2]), logits, from_logits=True) == pytest.approx(expected)
+
+
+def test_pick_examples_takes_up_to_half_misclassified_first():
+    picked = pick_examples(ACTUAL, PREDICTED, 4)
+    assert list(picked) == [2, 3, 0, 1]  # mistakes 2 and 3 first, then the first correct ones
+    assert len(pick_examples(ACTUAL, ACTUAL, 4)) == 4  # no mistakes: all correct
+    assert list(pick_examples(ACTUAL, PREDICTED, 50)) == [2, 3, 7, 0, 1, 4, 5, 6, 8, 9]
+
+
+def test_predict_together_shares_layers_and_matches_predict(tmp_path):
+    import keras
+
+    from pipeline.models.inference import predict_together, split_models
+    from tiny_project import vgg_like
+
+    first, second = vgg_like(seed=1), vgg_like(seed=1)
+    second.get_layer("block2_conv2").set_weights([w + 0.1 for w in second.get_layer("block2_conv2").get_weights()])
+    first.save(tmp_path / "a.keras")
+    second.save(tmp_path / "b.keras")
+    loaded = [keras.models.load_model(tmp_path / name) for name in ("a.keras", "b.keras")]
+    shared, tops = split_models(loaded)
+    assert shared.layers[-1].name == "block2_conv1"  # the last layer both have unchanged
+    assert [layer.name for layer in tops[0].layers[1:3]] == ["block2_conv2", "block2_pool"]
+    photos = np.random.default_rng(0).integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
+    together = predict_together(loaded, photos, batch_size=3)
+    for model, outputs in zip(loaded, together):
+        np.testing.assert_allclose(outputs, model.predict(photos, verbose=0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """A tiny project on which the evaluate stage has run (MLflow in a temp sqlite store)."""
+    from tiny_project import make_tiny_project
+
+    root = tmp_path_factory.mktemp("evaluate")
+    old = Path.cwd()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        os.chdir(root)
+        try:
+            make_tiny_project(root)
+            from pipeline.stages import evaluate
+
+            evaluate.run(Path("params.yaml"))
+        finally:
+            os.chdir(old)
+    return root
+
+
+def test_evaluate_writes_the_contract(evaluated):
+    from tiny_project import MNIST_TEST, PHOTOS_PER_CLASS
+
+    metrics = json.loads((evaluated / "metrics/evaluate.json").read_text())
+    assert set(metrics) == {"baseline", "feature_extraction", "fine_tuning"}
+    for name, samples in (("baseline", MNIST_TEST), ("fine_tuning", 2 * PHOTOS_PER_CLASS["test"])):
+        assert metrics[name]["test_samples"] == samples
+        assert 0.0 <= metrics[name]["test_accuracy"] <= 1.0 and metrics[name]["test_loss"] > 0
+    assert sorted(metrics["baseline"]["per_class"]) == [str(i) for i in range(10)]
+    assert set(metrics["fine_tuning"]["per_class"]["dog"]) == {"precision", "recall", "f1", "support"}
+    plots = sorted(p.name for p in (evaluated / "plots/evaluate").iterdir())
+    for name in ("baseline", "feature_extraction", "fine_tuning"):
+        assert {f"confusion_{name}.csv", f"confusion_{name}.png", f"misclassified_{name}.png"} <= set(plots)
+    assert "gradcam_fine_tuning.png" in plots
+
+
+def test_confusion_csv_agrees_with_the_metrics(evaluated):
+    metrics = json.loads((evaluated / "metrics/evaluate.json").read_text())["fine_tuning"]
+    frame = pd.read_csv(evaluated / "plots/evaluate/confusion_fine_tuning.csv")
+    assert list(frame.columns) == ["actual", "predicted"]
+    assert set(frame["actual"]) == {"cat", "dog"} and len(frame) == metrics["test_samples"]
+    assert (frame["actual"] == frame["predicted"]).mean() == pytest.approx(metrics["test_accuracy"])
+    dog = frame[frame["predicted"] == "dog"]
+    if len(dog):
+        assert (dog["actual"] == "dog").mean() == pytest.approx(metrics["per_class"]["dog"]["precision"])
+
+
+def test_evaluate_is_its_own_mlflow_run(evaluated):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{evaluated / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([experiment.experiment_id], "tags.`pipeline.stage` = 'evaluate'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    metrics = json.loads((evaluated / "metrics/evaluate.json").read_text())
+    assert metrics["baseline"]["mlflow_run_id"] == runs[0].info.run_id
+    assert runs[0].data.metrics["fine_tuning.test_accuracy"] == metrics["fine_tuning"]["test_accuracy"]
+    assert runs[0].data.params["evaluate.gradcam.layer"] == "block2_conv2"
+    assert "inference_seconds.images" in runs[0].data.metrics
+    artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id, "plots")}
+    assert "plots/gradcam_fine_tuning.png" in artifacts
+
+
+def test_a_gradcam_layer_that_is_not_a_conv_layer_is_a_user_error(evaluated, monkeypatch):
+    from ruamel.yaml import YAML
+
+    from pipeline.errors import UserError
+    from pipeline.stages import evaluate
+
+    params = YAML(typ="safe", pure=True).load((evaluated / "params.yaml").read_text())
+    params["evaluate"]["gradcam"]["layer"] = "head_dense"
+    monkeypatch.chdir(evaluated)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{evaluated / 'mlflow.db'}")
+    bad = evaluated / "bad_params.yaml"
+    YAML().dump(params, bad)
+    before = (evaluated / "metrics/evaluate.json").read_text()
+    with pytest.raises(UserError, match="evaluate.gradcam.layer"):
+        evaluate.run(bad)
+    assert (evaluated / "metrics/evaluate.json").read_text() == before  # outputs untouched

@@ -1,0 +1,193 @@
+"""The report: Markdown and self-contained HTML, the report stage on a tiny project, and the
+HTML opened in a real headless Chromium (skipped when there is none)."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from xml.etree import ElementTree
+
+import pandas as pd
+import pytest
+
+from pipeline.reporting.render import Picture, Preformatted, Report, Section, Table, Text, to_html, to_markdown
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--virtual-time-budget=10000",
+]
+# Appended to a copy of the page: once everything has loaded, write what the browser saw
+# (every picture decoded? the results table there?) into the DOM, which --dump-dom prints.
+CHECK_SCRIPT = """
+<script>
+window.addEventListener("load", () => {
+  const images = Array.from(document.images);
+  const results = document.querySelector("table#results");
+  const out = document.createElement("pre");
+  out.id = "browser-check";
+  out.textContent = JSON.stringify({
+    images: images.length,
+    widths: images.map((image) => image.naturalWidth),
+    results_rows: results ? results.tBodies[0].rows.length : -1,
+    results_headers: results ? Array.from(results.tHead.rows[0].cells).map((c) => c.textContent) : [],
+  });
+  document.body.appendChild(out);
+});
+</script>
+"""
+
+
+def png(width: float = 1.0, height: float = 0.6) -> bytes:
+    from pipeline.viz.common import figure_to_png_bytes, new_figure
+
+    figure = new_figure(width, height)
+    figure.subplots().plot([0, 1], [1, 0])
+    return figure_to_png_bytes(figure, dpi=40)
+
+
+def small_report() -> Report:
+    results = pd.DataFrame({"model": ["a <b>", "c"], "test accuracy": [0.5, 0.75]})
+    return Report("Title & co", "Intro.", [
+        Section("Results", [Text("Plain <text> & more."), Table(results, name="results")]),
+        Section("Pictures", [Picture("one.png", png(), "first picture"), Picture("two.png", png(), "second")]),
+        Section("Models", [Preformatted("Layer (type)   Output Shape\nconv1 (Conv2D)  (None, 26, 26, 4)", "summary")]),
+    ])
+
+
+def test_markdown_links_figures_and_holds_the_table():
+    text = to_markdown(small_report())
+    assert text.startswith("# Title & co\n")
+    assert "![first picture](figures/one.png)" in text and "figures/two.png" in text
+    assert "| model" in text and "| a <b>" in text
+    assert "```text\nLayer (type)" in text
+    assert "- [Results](#results)\n- [Pictures](#pictures)" in text
+
+
+def test_html_is_self_contained_and_escaped():
+    page = to_html(small_report())
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    assert len(sources) == 2 and all(src.startswith("data:image/png;base64,") for src in sources)
+    assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from the network
+    assert "<style>" in page and '<table id="results"' in page
+    assert "Plain &lt;text&gt; &amp; more." in page and "a &lt;b&gt;" in page
+
+
+def test_best_runs_table_names_the_params_that_differ():
+    from pipeline.reporting.runs import best_runs_table, timings_table
+
+    start = pd.Timestamp("2026-01-01", tz="UTC")
+    runs = pd.DataFrame({
+        "run_id": ["a" * 32, "b" * 32, "c" * 32],
+        "status": ["FINISHED", "FINISHED", "FAILED"],
+        "start_time": [start, start + pd.Timedelta(minutes=5), start + pd.Timedelta(minutes=9)],
+        "end_time": [start + pd.Timedelta(seconds=30), start + pd.Timedelta(minutes=6), start + pd.Timedelta(minutes=10)],
+        "tags.pipeline.stage": ["train_baseline"] * 3,
+        "tags.dvc.exp_name": ["old-exp", None, None],
+        "metrics.test_accuracy": [0.99, 0.97, None],
+        "params.baseline.dropout": ["0.25", "0.5", "0.5"],
+        "params.seed": ["42", "42", "42"],
+    })
+    table = best_runs_table(runs, ["train_baseline", "train_head"], {"train_baseline": "b" * 32})
+    assert len(table) == 1
+    row = table.iloc[0]
+    assert row["this run"] == "bbbbbbbb" and row["best run"] == "aaaaaaaa" and row["best test_accuracy"] == 0.99
+    assert row["params that differ (this -> best)"] == "baseline.dropout: 0.5 -> 0.25"
+    assert row["best run's DVC experiment"] == "old-exp"
+    timings = timings_table(runs, ["train_baseline"], {"train_baseline": "a" * 32})
+    assert timings.to_dict("records") == [
+        {"stage": "train_baseline", "run": "aaaaaaaa", "status": "FINISHED", "started": "2026-01-01 00:00:00", "seconds": 30.0}
+    ]
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory):
+    """A tiny project on which evaluate and then report have run (MLflow in a temp store)."""
+    from pipeline.stages import evaluate, report
+    from tiny_project import make_tiny_project
+
+    root = tmp_path_factory.mktemp("report")
+    old = Path.cwd()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        os.chdir(root)
+        try:
+            make_tiny_project(root)
+            evaluate.run(Path("params.yaml"))
+            report.run(Path("params.yaml"))
+        finally:
+            os.chdir(old)
+    return root
+
+
+def test_report_stage_writes_markdown_html_and_figures(reported):
+    reports = reported / "reports"
+    markdown = (reports / "report.md").read_text()
+    page = (reports / "report.html").read_text()
+    linked = re.findall(r"\]\(figures/([^)]+)\)", markdown)
+    assert linked and sorted(linked) == sorted(p.name for p in (reports / "figures").iterdir())
+    assert page.count("<img ") == len(linked)
+    for name in ("curves_baseline.png", "confusion_fine_tuning.png", "gradcam_fine_tuning.png",
+                 "classic_baseline.png", "classic_fine_tuning.png", "patterns_baseline.png",
+                 "patterns_fine_tuning.png", "activations_fine_tuning_block2_pool.png"):
+        assert name in linked
+    for heading in ("## Results", "## Training curves", "## What the filters respond to",
+                    "## Models: layers and output shapes", "## Data", "## How long each stage took",
+                    "## Comparison with earlier runs"):
+        assert heading in markdown
+    assert "VGG16 fine-tuned: input 32x32x3 -> block1_conv1 32x32x4 -> block1_pool 16x16x4" in markdown
+    assert not any("vgg_preprocess" in name for name in linked)  # preprocessing is not a filter
+    assert "skipped cat/666.jpg: not an image" in markdown  # provenance from images_report.json
+    assert "baseline.dropout: 0.5 -> 0.25" in markdown  # the earlier, better run differs in dropout
+
+
+def test_report_results_table_matches_evaluate(reported):
+    metrics = json.loads((reported / "metrics/evaluate.json").read_text())
+    page = (reported / "reports/report.html").read_text()
+    table = ElementTree.fromstring(re.search(r'<table id="results".*?</table>', page, re.S).group(0))
+    headers = [cell.text for cell in table.iter("th")]
+    rows = [[cell.text for cell in row.iter("td")] for row in table.find("tbody")]
+    column = headers.index("test accuracy")
+    assert [row[0] for row in rows] == ["Baseline convnet", "VGG16 feature extraction", "VGG16 fine-tuned"]
+    expected = [round(metrics[name]["test_accuracy"], 4) for name in ("baseline", "feature_extraction", "fine_tuning")]
+    assert [float(row[column]) for row in rows] == pytest.approx(expected)
+
+
+def test_report_is_an_mlflow_run_with_its_cost(reported):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{reported / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([experiment.experiment_id], "tags.`pipeline.stage` = 'report'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["report.patterns.steps"] == "2"
+    assert runs[0].data.metrics["visualize_seconds.fine_tuning.patterns"] > 0
+    assert {a.path for a in client.list_artifacts(runs[0].info.run_id, "report")} >= {
+        "report/report.html", "report/report.md", "report/figures"}
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_report_html_renders_in_headless_chromium(reported):
+    page = (reported / "reports/report.html").read_text()
+    with tempfile.TemporaryDirectory() as scratch:
+        checked = Path(scratch) / "checked.html"
+        checked.write_text(page.replace("</body>", CHECK_SCRIPT + "</body>"))
+        profile = Path(scratch) / "profile"
+        result = subprocess.run(
+            [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", checked.as_uri()],
+            capture_output=True, text=True, timeout=120,
+        )
+    found = re.search(r'<pre id="browser-check">(.*?)</pre>', result.stdout, re.S)
+    assert found, f"no check result from chromium (exit {result.returncode}): {result.stderr[-2000:]}"
+    seen = json.loads(html.unescape(found.group(1)))
+    assert seen["images"] == page.count("<img ") > 10
+    assert all(width > 0 for width in seen["widths"]), f"pictures that did not decode: {seen['widths']}"
+    assert seen["results_rows"] == 3
+    assert "test accuracy" in seen["results_headers"]
