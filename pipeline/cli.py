@@ -118,6 +118,10 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except SystemExit as exc:
+        if exc.code == 130:  # Typer turns Ctrl-C into Exit(130) itself, silently
+            print("interrupted", file=sys.stderr)
+        raise
     except Killed:
         print("terminated", file=sys.stderr)
         sys.exit(143)

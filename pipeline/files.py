@@ -16,6 +16,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipeline.errors import signals_deferred
+
 TEMP_PREFIX = ".tmp-"
 
 
@@ -56,8 +58,9 @@ def _replace(source: Path, target: Path) -> None:
     if target.is_dir() and not target.is_symlink():
         old = target.with_name(f"{TEMP_PREFIX}{target.name}.old")
         _remove(old)
-        os.replace(target, old)
-        os.replace(source, target)
+        with signals_deferred():  # a kill between the two renames would leave neither
+            os.replace(target, old)
+            os.replace(source, target)
         _remove(old)
     else:
         os.replace(source, target)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from ruamel.yaml import YAML, YAMLError
 
 from pipeline.errors import UserError
@@ -32,6 +32,17 @@ class Section(BaseModel):
 
 class MlflowParams(Section):
     experiment: Annotated[str, Field(min_length=1)]
+
+
+class TrainParams(Section):
+    """How the training stages run (not what they learn): devices, input pipeline, threads."""
+
+    # none: the default device; mirrored: one replica per visible GPU (else the CPU);
+    # multi_worker: MultiWorkerMirroredStrategy, its cluster described by TF_CONFIG.
+    distribute: Literal["none", "mirrored", "multi_worker"]
+    tf_data: bool  # feed fit a tf.data pipeline (shuffle, batch, prefetch) instead of arrays
+    intra_op_threads: Annotated[int, Field(ge=0)]  # 0 = TensorFlow's default
+    inter_op_threads: Annotated[int, Field(ge=0)]  # 0 = TensorFlow's default
 
 
 class RemoteFile(Section):
@@ -64,6 +75,7 @@ class BaselineParams(Section):
     dropout: Probability
     optimizer: Optimizer
     learning_rate: LearningRate
+    lr_schedule: Literal["constant", "cosine"]
     batch_size: PositiveInt
     epochs: PositiveInt
     early_stopping_patience: Annotated[int, Field(ge=0)]  # 0 = off
@@ -89,6 +101,7 @@ class Vgg16Params(Section):
 
 class FeaturesParams(Section):
     batch_size: PositiveInt
+    mirror_train: bool  # also cache the left-right mirror of each training photo
 
 
 class HeadParams(Section):
@@ -112,9 +125,47 @@ class FinetuneParams(Section):
     augment: bool
 
 
+class GradcamParams(Section):
+    photos: Annotated[int, Field(ge=1, le=64)]  # test photos shown, up to half misclassified
+    layer: Annotated[str, Field(min_length=1)]  # conv layer of the fine-tuned model to explain
+
+
+class EvaluateParams(Section):
+    batch_size: PositiveInt  # test samples per forward pass
+    misclassified: Annotated[int, Field(ge=1, le=100)]  # misclassified examples drawn per model
+    gradcam: GradcamParams
+
+
+def _odd(value: int) -> int:
+    if value % 2 == 0:
+        raise ValueError("must be odd, so the kernel has a centre pixel")
+    return value
+
+
+class ClassicFilterParams(Section):
+    gaussian_size: Annotated[int, Field(ge=1, le=31), AfterValidator(_odd)]
+    gaussian_sigma: Annotated[float, Field(gt=0.0, le=10.0)]
+
+
+class PatternParams(Section):
+    filters_per_layer: Annotated[int, Field(ge=1, le=64)]
+    steps: Annotated[int, Field(ge=1, le=1000)]
+    learning_rate: Annotated[float, Field(gt=0.0, le=1.0)]  # fraction of the input range per step
+    baseline_size: Annotated[int, Field(ge=8, le=256)]
+    vgg_size: Annotated[int, Field(ge=32, le=512)]
+
+
+class ReportParams(Section):
+    image_index: Annotated[int, Field(ge=0)]  # the test digit and photo the filters are shown on
+    activation_channels: Annotated[int, Field(ge=1, le=64)]
+    classic: ClassicFilterParams
+    patterns: PatternParams
+
+
 class Params(Section):
     seed: Annotated[int, Field(ge=0)]
     mlflow: MlflowParams
+    train: TrainParams
     mnist: MnistParams
     baseline: BaselineParams
     images: ImagesParams
@@ -122,6 +173,8 @@ class Params(Section):
     features: FeaturesParams
     head: HeadParams
     finetune: FinetuneParams
+    evaluate: EvaluateParams
+    report: ReportParams
 
 
 def _describe(error: dict) -> str:

@@ -10,6 +10,8 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -19,7 +21,7 @@ from typing import Any
 import mlflow
 from mlflow.keras import MlflowCallback
 
-from pipeline.errors import Killed
+from pipeline.errors import Killed, UserError, signals_deferred
 from pipeline.files import sha256_tree
 
 
@@ -42,13 +44,85 @@ def tracking_uri() -> str:
 
 
 def use_experiment(name: str) -> None:
-    """Point MLflow at the store and the experiment, creating it on first use."""
+    """Point MLflow at the store and the experiment, creating it on first use.
+
+    A tracking server is checked first, so that a wrong or dead URI is one line in seconds
+    rather than minutes of MLflow's retries. A SQLite store is opened under a file lock:
+    processes that start together (`dvc queue start -j 2`) would otherwise race to create
+    its tables, the default experiment or `name`, and fail ("database is locked", "no such
+    constraint", "already exists").
+    """
+    embedded = not os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri sets it, so ask first
     uri = tracking_uri()
+    check_reachable(uri)
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(name) is None and "MLFLOW_TRACKING_URI" not in os.environ:
-        # The embedded store's artifacts live beside it, whatever the working directory.
-        mlflow.create_experiment(name, artifact_location=(project_root() / "mlartifacts").as_uri())
+    database = sqlite_file(uri)
+    with store_lock(database):
+        if database is not None:
+            use_wal(database)
+        if mlflow.get_experiment_by_name(name) is None:
+            # The embedded store's artifacts live beside it, whatever the working directory.
+            location = (project_root() / "mlartifacts").as_uri() if embedded else None
+            mlflow.create_experiment(name, artifact_location=location)
     mlflow.set_experiment(name)
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI, else None."""
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?")[0])
+
+
+@contextlib.contextmanager
+def store_lock(database: Path | None) -> Iterator[None]:
+    """An exclusive lock on `<database>-lock` while the block runs (no-op without a file)."""
+    if database is None:
+        yield
+        return
+    import fcntl
+
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}-lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def use_wal(database: Path) -> None:
+    """Write-ahead logging: readers (`mlflow ui`, other stages) no longer block a writer.
+
+    The mode is stored in the file, so this changes it once; MLflow's sessions already wait
+    up to 20 s for a lock (busy_timeout). A store on a network file system, where WAL does
+    not work, is left as it is.
+    """
+    try:
+        with contextlib.closing(sqlite3.connect(database, timeout=30)) as connection:
+            if connection.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                connection.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.Error:
+        pass
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """A UserError naming the URI when an http(s) tracking server does not answer."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise UserError(
+            f"MLFLOW_TRACKING_URI={uri}: tracking server unreachable ({reason}); start it, "
+            "or unset MLFLOW_TRACKING_URI to use the local mlflow.db"
+        ) from None
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -80,6 +154,8 @@ def run_tags(stage: str, params: Mapping[str, Any], inputs: list[Path]) -> dict[
         "git.dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower(),
         "params.sha256": hashlib.sha256(params_json.encode()).hexdigest(),
         "data.sha256": sha256_tree([p for p in inputs if p.exists()]),
+        "pipeline.host": socket.gethostname(),  # with the pid: whether the run's process still lives
+        "pipeline.pid": str(os.getpid()),
     }
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
@@ -94,21 +170,56 @@ def stage_run(
 ) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run for one stage: params logged, tags set, and an honest end status.
 
-    FINISHED on success, KILLED on Ctrl-C or SIGTERM, FAILED on any other exception.
+    FINISHED on success, KILLED on Ctrl-C or SIGTERM, FAILED on any other exception. A
+    second signal while the run starts or ends waits until it has (else the run would stay
+    RUNNING). Runs on this host whose process died without ending them (SIGKILL, out of
+    memory) are ended KILLED when the next stage starts.
     """
     use_experiment(experiment)
-    run = mlflow.start_run(run_name=stage, tags=run_tags(stage, params, inputs))
+    end_orphaned_runs(experiment)
+    tags = run_tags(stage, params, inputs)
     try:
+        with signals_deferred():  # a signal held here is raised inside the try, so the run ends
+            run = mlflow.start_run(run_name=stage, tags=tags)
         mlflow.log_params(flatten(params))
         yield run
     except (KeyboardInterrupt, Killed):
-        mlflow.end_run("KILLED")
+        with signals_deferred():
+            mlflow.end_run("KILLED")
         raise
     except BaseException:
-        mlflow.end_run("FAILED")
+        with signals_deferred():
+            mlflow.end_run("FAILED")
         raise
     else:
-        mlflow.end_run("FINISHED")
+        with signals_deferred():
+            mlflow.end_run("FINISHED")
+
+
+def end_orphaned_runs(experiment_name: str) -> None:
+    """End KILLED the RUNNING runs of the experiment started on this host by a dead process."""
+    experiment = mlflow.get_experiment_by_name(experiment_name)
+    client = mlflow.MlflowClient()
+    host = socket.gethostname().replace("'", "")
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`pipeline.host` = '{host}'",
+    )
+    for run in runs:
+        pid = run.data.tags.get("pipeline.pid", "")
+        if pid.isdigit() and not _process_alive(int(pid)):
+            client.set_tag(run.info.run_id, "pipeline.ended_by", "a later stage: its process had died")
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class EpochLogger(MlflowCallback):
@@ -121,6 +232,7 @@ class EpochLogger(MlflowCallback):
     def __init__(self) -> None:
         super().__init__()
         self.epoch_seconds: list[float] = []
+        self.rows: list[dict] = []  # one per epoch: {"epoch": 1-based, Keras' logs..., "epoch_seconds"}
         self._started = 0.0
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
@@ -131,7 +243,14 @@ class EpochLogger(MlflowCallback):
         self.epoch_seconds.append(seconds)
         if logs is not None:
             logs = {**logs, "epoch_seconds": seconds}
+            self.rows.append({"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}})
         super().on_epoch_end(epoch, logs)
+
+    def log_restored(self, rows: list[dict]) -> None:
+        """Log the epochs a resumed training restored, so this run has every epoch's metrics."""
+        for row in rows:
+            metrics = {key: value for key, value in row.items() if key != "epoch"}
+            mlflow.log_metrics(metrics, step=row["epoch"] - 1)
 
     def on_test_end(self, logs: dict | None = None) -> None:
         pass

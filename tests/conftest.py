@@ -108,3 +108,36 @@ def dead_url() -> str:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return f"http://127.0.0.1:{port}/"
+
+
+def write_photo_zip(path: Path, per_class: int = 6, size: int = 40, corrupt: int = 1) -> None:
+    """A zip laid out like Microsoft's archive: PetImages/Cat/N.jpg, PetImages/Dog/N.jpg.
+
+    Cats are reddish, dogs bluish (so a model can learn them), and `corrupt` truncated
+    JPEGs per class stand in for the broken files of the real archive.
+    """
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, channel in (("Cat", 0), ("Dog", 2)):
+            for i in range(per_class + corrupt):
+                pixels = rng.integers(0, 90, size=(size, size, 3), dtype=np.uint8)
+                pixels[..., channel] += 150
+                buffer = io.BytesIO()
+                Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+                data = buffer.getvalue()
+                if i >= per_class:
+                    data = data[: len(data) // 2]
+                archive.writestr(f"PetImages/{name}/{i}.jpg", data)
+
+
+def write_vgg16_weights(path: Path) -> str:
+    """Random VGG16 notop weights in Keras' h5 layout; returns their sha256."""
+    import keras
+
+    keras.applications.VGG16(weights=None, include_top=False, input_shape=(32, 32, 3)).save(path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()

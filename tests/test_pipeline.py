@@ -132,6 +132,22 @@ def test_photos_weights_features_and_vgg_models(project):
     assert abs(accuracy - json.loads((root / "metrics/finetune.json").read_text())["test_accuracy"]) < 1e-6
 
 
+def test_evaluate_and_report(project):
+    root, _ = project
+    evaluation = json.loads((root / "metrics/evaluate.json").read_text())
+    assert set(evaluation) >= {"baseline", "feature_extraction", "fine_tuning"}
+    for model in ("baseline", "feature_extraction", "fine_tuning"):
+        assert {"test_accuracy", "test_loss", "test_samples"} <= evaluation[model].keys()
+    assert evaluation["baseline"]["test_samples"] == 50
+    assert evaluation["fine_tuning"]["test_samples"] == 4
+    finetune = json.loads((root / "metrics/finetune.json").read_text())
+    assert abs(evaluation["fine_tuning"]["test_accuracy"] - finetune["test_accuracy"]) < 1e-6
+    html = (root / "reports/report.html").read_text()
+    assert "<table" in html and "data:image/png;base64," in html
+    assert 'src="http' not in html and "src='http" not in html, "the report must open offline"
+    assert (root / "reports/report.md").stat().st_size > 0
+
+
 def test_runs_are_tracked_in_the_embedded_store(project):
     import mlflow
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.files import atomic_path
+from pipeline.params import TrainParams
 
 
 def require(*paths: Path, stage: str) -> None:
@@ -29,6 +32,44 @@ def seed_everything(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
+def set_threads(train: TrainParams) -> None:
+    """Apply `train.intra_op_threads` / `inter_op_threads` (0 = TensorFlow's default).
+
+    TensorFlow takes these only before it starts: call this first, before any TF op.
+    """
+    import tensorflow as tf
+
+    if train.intra_op_threads:
+        tf.config.threading.set_intra_op_parallelism_threads(train.intra_op_threads)
+    if train.inter_op_threads:
+        tf.config.threading.set_inter_op_parallelism_threads(train.inter_op_threads)
+
+
+class Distribution(NamedTuple):
+    scope: AbstractContextManager  # build and compile the model inside it
+    replicas: int  # global batch = per-replica batch (the params) x replicas
+
+
+def distribution_scope(train: TrainParams) -> Distribution:
+    """The tf.distribute strategy that `train.distribute` names, as (scope, replicas).
+
+    mirrored: one replica per visible GPU, or per logical CPU when there is no GPU (one on
+    a plain machine); multi_worker: MultiWorkerMirroredStrategy, whose cluster and role come
+    from the TF_CONFIG environment variable (a single local worker without it). Create it
+    after `set_threads` and before any other TF op.
+    """
+    import tensorflow as tf
+
+    if train.distribute == "none":
+        strategy = tf.distribute.get_strategy()
+    elif train.distribute == "mirrored":
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        strategy = tf.distribute.MirroredStrategy([device.name for device in devices])
+    else:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    return Distribution(strategy.scope(), strategy.num_replicas_in_sync)
+
+
 def progress_mode() -> int | str:
     """Keras `verbose`: a live bar on a terminal, one line per epoch in logs."""
     return 1 if sys.stdout.isatty() else 2
@@ -38,6 +79,7 @@ def progress_mode() -> int | str:
 class FitResult:
     history: "pandas.DataFrame"  # noqa: F821 - one row per epoch, Keras' log keys + epoch_seconds
     fit_seconds: float  # wall time of model.fit, for the benchmarks
+    resume_stage: str | None = None  # whose .resume/ backup to delete once the outputs are written
 
     @property
     def seconds_per_epoch(self) -> float:
@@ -51,8 +93,15 @@ def fit(
     epochs: int,
     batch_size: int,
     early_stopping_patience: int = 0,
+    tf_data: bool = False,
 ) -> FitResult:
-    """model.fit with per-epoch MLflow logging and timing (and optional early stopping)."""
+    """model.fit with per-epoch MLflow logging and timing (and optional early stopping).
+
+    Inside a `stage_run`, the training is resumable (pipeline/resume.py): each epoch's state
+    is backed up under .resume/<stage>/, and a backup left by a killed run with the same
+    params, data and architecture is restored first, so only the remaining epochs run; the
+    history (and the MLflow run's metrics) still has every epoch.
+    """
     import keras
     import pandas as pd
 
@@ -60,27 +109,86 @@ def fit(
 
     logger = EpochLogger()
     callbacks: list[keras.callbacks.Callback] = [logger]
+    early_stopping = None
     if early_stopping_patience and validation is not None:
-        callbacks.append(
-            keras.callbacks.EarlyStopping(
-                patience=early_stopping_patience, restore_best_weights=True
-            )
+        early_stopping = keras.callbacks.EarlyStopping(
+            patience=early_stopping_patience, restore_best_weights=True
         )
+        callbacks.append(early_stopping)
+    backup, stage = _epoch_backup(model, logger.rows, early_stopping)
+    initial_epoch, restored_rows = 0, []
+    if backup is not None:
+        restored = backup.restore(model)
+        initial_epoch, restored_rows = (epochs if restored.stopped else restored.epochs), restored.rows
+        if restored.epochs:
+            _note_resumed(stage, restored.epochs, epochs, backup.folder)
+            logger.log_restored(restored_rows)
+        callbacks.append(backup)  # after EarlyStopping: it saves the state that one has updated
     has_validation = validation is not None and len(validation[0]) > 0
+    inputs = fit_inputs(train, validation if has_validation else None, batch_size, tf_data)
+    if tf_data:
+        # Each new iterator of a reshuffling pipeline draws the next order: skip the orders
+        # of the restored epochs, so a resumed training sees what an uninterrupted one would.
+        for _ in range(initial_epoch):
+            iter(inputs["x"])
     started = time.perf_counter()
-    history = model.fit(
-        *train,
-        validation_data=validation if has_validation else None,
+    model.fit(
+        **inputs,
         epochs=epochs,
-        batch_size=batch_size,
         callbacks=callbacks,
         verbose=progress_mode(),
+        initial_epoch=initial_epoch,
     )
     fit_seconds = time.perf_counter() - started
-    frame = pd.DataFrame(history.history)
-    frame.insert(0, "epoch", np.asarray(history.epoch) + 1)
-    frame["epoch_seconds"] = logger.epoch_seconds[-len(frame) :]
-    return FitResult(frame, fit_seconds)
+    frame = pd.DataFrame(restored_rows + logger.rows)
+    return FitResult(frame, fit_seconds, stage)
+
+
+def fit_inputs(
+    train: tuple[np.ndarray, np.ndarray],
+    validation: tuple[np.ndarray, np.ndarray] | None,
+    batch_size: int,
+    tf_data: bool,
+) -> dict:
+    """model.fit's data arguments: the arrays, or (`tf_data`) tf.data pipelines built from them.
+
+    The pipeline shuffles the whole training set each epoch (seeded by the global seed, as
+    Keras does for arrays), batches it and prefetches batches while the model trains.
+    """
+    if not tf_data:
+        return {"x": train[0], "y": train[1], "batch_size": batch_size, "validation_data": validation}
+    import tensorflow as tf
+
+    def batches(arrays: tuple[np.ndarray, np.ndarray], shuffle: bool):
+        dataset = tf.data.Dataset.from_tensor_slices(arrays)
+        if shuffle:
+            dataset = dataset.shuffle(len(arrays[0]), reshuffle_each_iteration=True)
+        return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+    return {"x": batches(train, shuffle=True),
+            "validation_data": batches(validation, shuffle=False) if validation else None}
+
+
+def _epoch_backup(model, rows: list[dict], early_stopping):
+    """(EpochBackup, stage) for the active stage_run's MLflow run, or (None, None) outside one."""
+    import mlflow
+
+    from pipeline.resume import RESUME_ROOT, EpochBackup, backup_key
+
+    run = mlflow.active_run()
+    tags = run.data.tags if run is not None else {}
+    stage = tags.get("pipeline.stage")
+    if not stage or model.optimizer is None:
+        return None, None
+    key = backup_key(tags.get("params.sha256", ""), tags.get("data.sha256", ""), model)
+    return EpochBackup(RESUME_ROOT / stage / key, rows, early_stopping), stage
+
+
+def _note_resumed(stage: str, done: int, epochs: int, folder: Path) -> None:
+    import mlflow
+
+    print(f"{stage}: resuming after epoch {done} of {epochs} from {folder}", flush=True)
+    mlflow.set_tag("resumed_after_epoch", str(done))
 
 
 def save_model(model, path: Path) -> None:
@@ -89,18 +197,21 @@ def save_model(model, path: Path) -> None:
         model.save(temp)
 
 
-def log_model(model, name: str = "model") -> None:
-    """The model as an MLflow model (Keras flavour), with pinned requirements.
+def log_model(model, example: np.ndarray, name: str = "model") -> None:
+    """The model as an MLflow model (Keras flavour) with its signature and pinned requirements.
 
+    `example` is a few input rows, from which MLflow records the input and output schema.
     Passing the requirements skips MLflow's inference, which re-imports the model in a
     subprocess and costs tens of seconds on a small CPU.
     """
     import keras
     import mlflow
     import tensorflow as tf
+    from mlflow.models import infer_signature
 
     requirements = [f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}"]
-    mlflow.keras.log_model(model, name=name, pip_requirements=requirements)
+    signature = infer_signature(example, model.predict(example, verbose=0))
+    mlflow.keras.log_model(model, name=name, pip_requirements=requirements, signature=signature)
 
 
 def model_summary(model) -> str:
@@ -109,3 +220,56 @@ def model_summary(model) -> str:
     model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line), line_length=90)
     return "\n".join(lines)
 
+
+
+def publish_training(
+    run,
+    trained_model,
+    saved_model,
+    result: FitResult,
+    test: tuple[float, float],
+    paths: tuple[Path, Path, Path],
+    figures: dict,
+    example: np.ndarray,
+) -> dict:
+    """Write a training stage's outputs atomically and log them to the active MLflow run.
+
+    `paths` is (model, metrics, plots folder). The plots folder gets history.csv (a DVC
+    plot), summary.txt (Keras' layer table with output shapes), curves.png and `figures`
+    (name -> matplotlib Figure). `saved_model` is what goes to disk and to MLflow (for the
+    VGG stages, the complete classifier; `trained_model` is what was fitted); `example` is
+    a few inputs of `saved_model`, for the MLflow model signature.
+    Returns the metrics written.
+    """
+    import mlflow
+
+    from pipeline.files import write_json
+    from pipeline.viz.curves import training_curves_figure
+
+    model_path, metrics_path, plots_path = paths
+    test_loss, test_accuracy = test
+    metrics = {
+        "test_accuracy": float(test_accuracy),
+        "test_loss": float(test_loss),
+        "epochs": int(len(result.history)),
+        "seconds_per_epoch": round(result.seconds_per_epoch, 3),
+        "mlflow_run_id": run.info.run_id,
+    }
+    summary = model_summary(saved_model)
+    with atomic_path(plots_path, directory=True) as plots:
+        result.history.to_csv(plots / "history.csv", index=False)
+        (plots / "summary.txt").write_text(summary + "\n", encoding="utf-8")
+        all_figures = {"curves.png": training_curves_figure(result.history), **figures}
+        for name, figure in all_figures.items():
+            figure.savefig(plots / name, dpi=100)
+    save_model(saved_model, model_path)
+    write_json(metrics_path, metrics)
+    mlflow.log_metrics({k: v for k, v in metrics.items() if k != "mlflow_run_id"})
+    mlflow.log_text(summary, "model_summary_saved.txt")
+    mlflow.log_artifacts(str(plots_path), artifact_path="plots")
+    log_model(saved_model, example)
+    if result.resume_stage:
+        from pipeline.resume import discard
+
+        discard(result.resume_stage)  # the outputs are complete: nothing left to resume
+    return metrics

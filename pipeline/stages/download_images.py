@@ -91,7 +91,10 @@ def download_images(p: ImagesParams, out: Path = OUT, report_path: Path = REPORT
         if source is None:
             archive = fetch_archive(p, scratch)
             source = scratch / "extracted"
-            extract_archive(archive, source)
+            try:
+                extract_archive(archive, source)
+            except UserError as exc:  # name what the user gave, not the scratch copy
+                raise UserError(str(exc).replace(str(archive), p.url)) from None
         files_by_class = find_class_folders(source)
         report = keep_decodable(files_by_class, staging)
         shutil.rmtree(scratch)

@@ -38,16 +38,29 @@ def feature_extractor(weights: str | None, image_shape: tuple[int, int, int], un
     return keras.Model(image, [cached, top(cached)], name="feature_extractor")
 
 
-def extract(extractor, images: np.ndarray, batch_size: int, frozen_out: Path, pooled_out: Path) -> None:
-    """Run `extractor` over `images` in batches, writing both outputs as .npy memory maps."""
+def extract(
+    extractor, images: np.ndarray, batch_size: int, frozen_out: Path, pooled_out: Path,
+    mirrored: bool = False,
+) -> None:
+    """Run `extractor` over `images` in batches, writing both outputs as .npy memory maps.
+
+    With `mirrored`, the left-right mirror image of every photo follows the originals (rows
+    N..2N-1): each cached row is still the exact activation of a real photo, so training on
+    the cache stays exactly the full network's training, on twice the photos.
+    """
     shapes = [tuple(t.shape[1:]) for t in extractor.outputs]
-    frozen = np.lib.format.open_memmap(frozen_out, "w+", np.float32, (len(images), *shapes[0]))
-    pooled = np.lib.format.open_memmap(pooled_out, "w+", np.float32, (len(images), *shapes[1]))
-    for start in tqdm(range(0, len(images), batch_size), desc=frozen_out.stem, unit="batch"):
+    rows = len(images) * (2 if mirrored else 1)
+    frozen = np.lib.format.open_memmap(frozen_out, "w+", np.float32, (rows, *shapes[0]))
+    pooled = np.lib.format.open_memmap(pooled_out, "w+", np.float32, (rows, *shapes[1]))
+    starts = [(start, False) for start in range(0, len(images), batch_size)]
+    if mirrored:
+        starts += [(start, True) for start, _ in starts]
+    for start, flip in tqdm(starts, desc=frozen_out.stem, unit="batch"):
         batch = images[start : start + batch_size]
-        cached, head_input = extractor.predict_on_batch(batch)
-        frozen[start : start + len(batch)] = cached
-        pooled[start : start + len(batch)] = head_input
+        cached, head_input = extractor.predict_on_batch(batch[:, :, ::-1] if flip else batch)
+        row = start + (len(images) if flip else 0)
+        frozen[row : row + len(batch)] = cached
+        pooled[row : row + len(batch)] = head_input
     frozen.flush()
     pooled.flush()
     del frozen, pooled
@@ -63,7 +76,8 @@ def run(params_file: Path) -> None:
     extractor = feature_extractor(str(WEIGHTS), splits["train"][0].shape[1:], params.finetune.unfreeze)
     with atomic_path(OUT, directory=True) as staging:
         for split, (images, labels) in splits.items():
+            mirrored = split == "train" and params.features.mirror_train
             extract(extractor, images, params.features.batch_size,
-                    staging / f"{split}_frozen.npy", staging / f"{split}_pooled.npy")
-            np.save(staging / f"{split}_labels.npy", labels)
+                    staging / f"{split}_frozen.npy", staging / f"{split}_pooled.npy", mirrored)
+            np.save(staging / f"{split}_labels.npy", np.concatenate([labels, labels]) if mirrored else labels)
         (staging / "class_names.json").write_text(json.dumps(class_names) + "\n")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.params import load_params
-from pipeline.stages.common import fit, publish_training, require, seed_everything
+from pipeline.stages.common import distribution_scope, fit, publish_training, require, seed_everything, set_threads
 from pipeline.stages.vgg_common import FEATURES, IMAGES, WEIGHTS, head_of, load_features, loss_for, vgg_figures
 
 STAGE = "finetune"
@@ -49,30 +49,34 @@ def run(params_file: Path) -> None:
     p = params.finetune
     require(FEATURES, stage="extract_features")
     require(HEAD_MODEL, stage="train_head")
+    set_threads(params.train)
+    scope, replicas = distribution_scope(params.train)
     seed_everything(params.seed)
     splits, class_names = load_features("frozen")
     with np.load(IMAGES) as data:
         photos = {split: (data[f"x_{split}"], data[f"y_{split}"]) for split in ("train", "validation", "test")}
-    stage_params = {"seed": params.seed, "finetune": p.model_dump()}
+    stage_params = {"seed": params.seed, "finetune": p.model_dump(), "train": params.train.model_dump()}
     inputs = [FEATURES, HEAD_MODEL, WEIGHTS] + ([IMAGES] if p.augment else [])
     with stage_run(STAGE, stage_params, inputs, params.mlflow.experiment) as run:
-        trained_head = keras.models.load_model(HEAD_MODEL)
-        image_shape = trained_head.input_shape[1:]
-        conv_base = build_conv_base(str(WEIGHTS), image_shape)
-        frozen, top = split_at_last_frozen_layer(conv_base, p.unfreeze)
-        head = head_of(trained_head, top.output_shape[1:])
-        classifier = assemble_classifier(conv_base, head, p.unfreeze)
-        if p.augment:
-            # The slow, exact path: every epoch runs the whole network on augmented photos.
-            image = keras.Input(shape=image_shape)
-            model = keras.Model(image, classifier(augmentation(params.seed)(image)))
-            train, validation, test = photos["train"], photos["validation"], photos["test"]
-        else:
-            model = build_finetune_model(top, head)
-            train, validation, test = splits["train"], splits["validation"], splits["test"]
-        model.compile(optimizer=make_optimizer(p.optimizer, p.learning_rate),
-                      loss=loss_for(len(class_names)), metrics=["accuracy"])
-        result = fit(model, train, validation, p.epochs, p.batch_size, p.early_stopping_patience)
+        with scope:  # every variable the training touches is made under the strategy
+            trained_head = keras.models.load_model(HEAD_MODEL)
+            image_shape = trained_head.input_shape[1:]
+            conv_base = build_conv_base(str(WEIGHTS), image_shape)
+            frozen, top = split_at_last_frozen_layer(conv_base, p.unfreeze)
+            head = head_of(trained_head, top.output_shape[1:])
+            classifier = assemble_classifier(conv_base, head, p.unfreeze)
+            if p.augment:
+                # The slow, exact path: every epoch runs the whole network on augmented photos.
+                image = keras.Input(shape=image_shape)
+                model = keras.Model(image, classifier(augmentation(params.seed)(image)))
+                train, validation, test = photos["train"], photos["validation"], photos["test"]
+            else:
+                model = build_finetune_model(top, head)
+                train, validation, test = splits["train"], splits["validation"], splits["test"]
+            model.compile(optimizer=make_optimizer(p.optimizer, p.learning_rate),
+                          loss=loss_for(len(class_names)), metrics=["accuracy"])
+        result = fit(model, train, validation, p.epochs, p.batch_size * replicas, p.early_stopping_patience,
+                     params.train.tf_data)
         test_metrics = model.evaluate(*test, batch_size=64, verbose=0)
         figures = vgg_figures(classifier, photos["test"][0][0], ("block5_conv1", "block5_conv3"))
         publish_training(run, model, classifier, result, tuple(test_metrics), (MODEL, METRICS, PLOTS),

@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.params import Params, load_params
-from pipeline.stages.common import FitResult, fit, publish_training, require, seed_everything
+from pipeline.stages.common import (
+    Distribution, FitResult, distribution_scope, fit, publish_training, require, seed_everything, set_threads,
+)
 
 STAGE = "train_baseline"
 DATA = Path("data/prepared/mnist.npz")
@@ -30,25 +32,34 @@ class Trained:
     test_accuracy: float
 
 
-def train_baseline(arrays: dict[str, np.ndarray], params: Params) -> Trained:
-    """Build, fit (logging each epoch to the active MLflow run) and test the baseline."""
+def train_baseline(
+    arrays: dict[str, np.ndarray], params: Params, distribution: Distribution | None = None
+) -> Trained:
+    """Build, fit (logging each epoch to the active MLflow run) and test the baseline.
+
+    `distribution` is `distribution_scope(params.train)`, made by the caller before any TF op.
+    """
     from pipeline.models.baseline import build_baseline, make_optimizer
 
     p = params.baseline
-    model = build_baseline(arrays["x_train"].shape[1:], arrays["y_train"].shape[1], p)
-    steps = math.ceil(len(arrays["x_train"]) / p.batch_size) * p.epochs
-    model.compile(
-        optimizer=make_optimizer(p.optimizer, p.learning_rate, p.lr_schedule, steps),
-        loss="categorical_crossentropy",
-        metrics=["accuracy"],
-    )
+    scope, replicas = distribution or distribution_scope(params.train)
+    batch_size = p.batch_size * replicas  # batch_size is per replica
+    steps = math.ceil(len(arrays["x_train"]) / batch_size) * p.epochs
+    with scope:
+        model = build_baseline(arrays["x_train"].shape[1:], arrays["y_train"].shape[1], p)
+        model.compile(
+            optimizer=make_optimizer(p.optimizer, p.learning_rate, p.lr_schedule, steps),
+            loss="categorical_crossentropy",
+            metrics=["accuracy"],
+        )
     result = fit(
         model,
         (arrays["x_train"], arrays["y_train"]),
         (arrays["x_validation"], arrays["y_validation"]),
         epochs=p.epochs,
-        batch_size=p.batch_size,
+        batch_size=batch_size,
         early_stopping_patience=p.early_stopping_patience,
+        tf_data=params.train.tf_data,
     )
     test_loss, test_accuracy = model.evaluate(
         arrays["x_test"], arrays["y_test"], batch_size=256, verbose=0
@@ -74,12 +85,15 @@ def run(params_file: Path) -> None:
 
     params = load_params(params_file)
     require(DATA, stage="prepare_mnist")
+    set_threads(params.train)
+    distribution = distribution_scope(params.train)
     seed_everything(params.seed)
     with np.load(DATA) as data:
         arrays = {key: data[key] for key in data.files}
-    stage_params = {"seed": params.seed, "baseline": params.baseline.model_dump()}
+    stage_params = {"seed": params.seed, "baseline": params.baseline.model_dump(),
+                    "train": params.train.model_dump()}
     with stage_run(STAGE, stage_params, [DATA], params.mlflow.experiment) as run:
-        trained = train_baseline(arrays, params)
+        trained = train_baseline(arrays, params, distribution)
         publish_training(
             run, trained.model, trained.model, trained.fit,
             (trained.test_loss, trained.test_accuracy), (MODEL, METRICS, PLOTS),

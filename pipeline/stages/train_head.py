@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.params import load_params
-from pipeline.stages.common import fit, publish_training, require, seed_everything
+from pipeline.stages.common import distribution_scope, fit, publish_training, require, seed_everything, set_threads
 from pipeline.stages.vgg_common import FEATURES, IMAGES, WEIGHTS, load_features, loss_for, vgg_figures
 
 STAGE = "train_head"
@@ -29,18 +29,21 @@ def run(params_file: Path) -> None:
     p = params.head
     require(FEATURES, stage="extract_features")
     require(WEIGHTS, stage="download_weights")
+    set_threads(params.train)
+    scope, replicas = distribution_scope(params.train)
     seed_everything(params.seed)
     splits, class_names = load_features("pooled")
     with np.load(IMAGES) as data:
         examples = data["x_test"][:2]
     photo = examples[0]
-    stage_params = {"seed": params.seed, "head": p.model_dump()}
+    stage_params = {"seed": params.seed, "head": p.model_dump(), "train": params.train.model_dump()}
     with stage_run(STAGE, stage_params, [FEATURES, WEIGHTS], params.mlflow.experiment) as run:
-        head = build_head(splits["train"][0].shape[1:], len(class_names), p.pooling, p.units, p.dropout)
-        head.compile(optimizer=make_optimizer(p.optimizer, p.learning_rate),
-                     loss=loss_for(len(class_names)), metrics=["accuracy"])
-        result = fit(head, splits["train"], splits["validation"], p.epochs, p.batch_size,
-                     p.early_stopping_patience)
+        with scope:
+            head = build_head(splits["train"][0].shape[1:], len(class_names), p.pooling, p.units, p.dropout)
+            head.compile(optimizer=make_optimizer(p.optimizer, p.learning_rate),
+                         loss=loss_for(len(class_names)), metrics=["accuracy"])
+        result = fit(head, splits["train"], splits["validation"], p.epochs, p.batch_size * replicas,
+                     p.early_stopping_patience, params.train.tf_data)
         test = head.evaluate(*splits["test"], batch_size=256, verbose=0)
         conv_base = build_conv_base(str(WEIGHTS), photo.shape)
         classifier = assemble_classifier(conv_base, head, unfreeze=0)

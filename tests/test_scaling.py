@@ -1,0 +1,304 @@
+"""Scaling out with configuration only: a shared MLflow server on PostgreSQL, a DVC remote,
+and tf.distribute strategies on the CPU.
+
+One tiny git+DVC project (the MNIST stages only) is built per module and reproduced once,
+logging to an `mlflow server` backed by a real PostgreSQL when one can be started here (else
+to the embedded SQLite store, and the server test is skipped with the reason). Its outputs
+are pushed to a local-directory DVC remote, which a fresh clone pulls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from ruamel.yaml import YAML
+
+from conftest import REPO, write_mnist_mirror
+
+BIN = Path(sys.executable).parent
+MNIST_STAGES = ("download_mnist", "prepare_mnist", "train_baseline")
+EXPERIMENT = "scaling"
+GIT_USER = ["-c", "user.name=t", "-c", "user.email=t@t"]
+
+
+def run(args: list[str], cwd: Path, tracking_uri: str | None = None, check: bool = True,
+        timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_yaml(path: Path, data: dict) -> None:
+    yaml = YAML()
+    yaml.default_flow_style = False
+    with path.open("w") as handle:
+        yaml.dump(data, handle)
+
+
+# -- a real PostgreSQL and an MLflow server on it -----------------------------------------
+
+def postgres_bin() -> Path | None:
+    """The folder of Debian's PostgreSQL programs (not on PATH), or of any initdb on PATH."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if found:
+        return found[-1].parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+def as_postgres(args: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: drop to the `postgres` user when we are root."""
+    return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[str]:
+    """postgresql+psycopg2://... of a throw-away cluster on a free loopback port, with a `mlflow` db."""
+    bindir = postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+    folder = Path(tempfile.mkdtemp(prefix="pipeline-pg-"))  # in /tmp: pytest's tmp is root-only
+    data, port = folder / "data", free_port()
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres")
+    try:
+        steps = [
+            [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+            [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w", "-t", "60", "-o",
+             f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"],
+            [str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow"],
+        ]
+        for step in steps:
+            result = subprocess.run(as_postgres(step), capture_output=True, text=True, timeout=120)
+            if result.returncode != 0:
+                log = (folder / "log").read_text() if (folder / "log").exists() else ""
+                pytest.skip(f"PostgreSQL could not start ({Path(step[0]).name}): "
+                            f"{(result.stderr or log).strip()[-300:]}")
+        # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3: name the driver we install.
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mlflow"
+    finally:
+        if (data / "postmaster.pid").exists():
+            subprocess.run(as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]),
+                           capture_output=True, timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(postgres: str, tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """(http://127.0.0.1:PORT, artifact folder) of `mlflow server` on PostgreSQL."""
+    artifacts = tmp_path_factory.mktemp("artifact-store")
+    port = free_port()
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", postgres,
+         "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"mlflow server did not start:\n{server.communicate()[1][-2000:]}")
+            time.sleep(0.5)
+        yield url, artifacts
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+@pytest.fixture(scope="module")
+def tracking(request) -> tuple[str | None, Path | None, str]:
+    """(server URL, artifact folder, "") when PostgreSQL works here, else (None, None, why)."""
+    try:
+        url, artifacts = request.getfixturevalue("mlflow_server")
+    except pytest.skip.Exception as skipped:
+        return None, None, str(skipped)
+    return url, artifacts, ""
+
+
+# -- the tiny project: MNIST stages, a DVC remote --------------------------------------------
+
+def mnist_dvc_yaml() -> dict:
+    """The repository's dvc.yaml with only the MNIST stages and their plots."""
+    pipeline = YAML(typ="safe", pure=True).load((REPO / "dvc.yaml").read_text())
+    pipeline["stages"] = {name: pipeline["stages"][name] for name in MNIST_STAGES}
+    pipeline["plots"] = [plot for plot in pipeline.get("plots", []) if "baseline" in json.dumps(plot)]
+    return pipeline
+
+
+def tiny_params(mirror: Path, files: dict) -> dict:
+    params = YAML(typ="safe", pure=True).load((REPO / "params.yaml").read_text())
+    params["mlflow"]["experiment"] = EXPERIMENT
+    params["mnist"].update(mirrors=[str(mirror)], files=files, validation_size=20, retries=0)
+    params["baseline"].update(conv_filters=[4, 8], dense_units=16, epochs=1, batch_size=32)
+    # The stage itself goes through the scaling knobs: a MirroredStrategy (over this CPU),
+    # a tf.data input pipeline and single-threaded ops.
+    params["train"] = {"distribute": "mirrored", "tf_data": True, "intra_op_threads": 1, "inter_op_threads": 1}
+    return params
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tracking) -> dict:
+    """A git+DVC project with a local-directory remote; `dvc repro`, committed, `dvc push`."""
+    base = tmp_path_factory.mktemp("scaling")
+    files = write_mnist_mirror(base / "mirror" / "mnist", train=120, test=30)
+    root, remote = base / "project", base / "remote"
+    root.mkdir()
+    shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / ".gitignore", root)
+    write_yaml(root / "dvc.yaml", mnist_dvc_yaml())
+    write_yaml(root / "params.yaml", tiny_params(base / "mirror" / "mnist", files))
+    run(["git", "init", "-q"], root)
+    run(["dvc", "init", "-q"], root)
+    run(["dvc", "config", "core.analytics", "false"], root)
+    run(["dvc", "remote", "add", "-d", "shared", str(remote)], root)
+    run(["git", "add", "-A"], root)
+    run(["git", *GIT_USER, "commit", "-q", "-m", "project"], root)
+    url, artifacts, why = tracking
+    repro = run(["dvc", "repro"], root, tracking_uri=url)
+    run(["git", "add", "-A"], root)
+    run(["git", *GIT_USER, "commit", "-q", "-m", "repro"], root)
+    run(["dvc", "push"], root)
+    return {"root": root, "base": base, "repro": repro, "url": url, "artifacts": artifacts, "why": why}
+
+
+def test_runs_go_to_the_shared_server_on_postgresql(project):
+    """MLFLOW_TRACKING_URI alone moves every run, metric and model to the server."""
+    import mlflow
+
+    if project["url"] is None:
+        pytest.skip(project["why"])
+    root = project["root"]
+    client = mlflow.MlflowClient(tracking_uri=project["url"])
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id], "tags.`pipeline.stage` = 'train_baseline'")
+    assert len(runs) == 1
+    run_ = runs[0]
+    assert run_.info.status == "FINISHED"
+    assert run_.data.params["train.distribute"] == "mirrored"
+    written = json.loads((root / "metrics/baseline.json").read_text())
+    assert run_.info.run_id == written["mlflow_run_id"]
+    assert run_.data.metrics["test_accuracy"] == written["test_accuracy"]
+    assert [m.step for m in client.get_metric_history(run_.info.run_id, "val_loss")] == [0]
+    assert "plots" in {a.path for a in client.list_artifacts(run_.info.run_id)}
+    models = client.search_logged_models([experiment.experiment_id])
+    assert len(models) == 1 and models[0].source_run_id == run_.info.run_id
+    # The model comes back through the server's artifact proxy, from its artifact store.
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=models[0].artifact_location, dst_path=str(project["base"] / "downloaded"),
+        tracking_uri=project["url"])
+    assert (Path(local) / "MLmodel").is_file()
+    assert list(project["artifacts"].rglob("MLmodel")), "artifacts are in the server's store"
+    assert not (root / "mlflow.db").exists() and not (root / "mlartifacts").exists()
+
+
+def test_a_fresh_clone_pulls_every_output_and_has_nothing_to_run(project):
+    root, clone = project["root"], project["base"] / "clone"
+    run(["git", "clone", "-q", str(root), str(clone)], project["base"])
+    assert not (clone / "models").exists()
+    run(["dvc", "pull"], clone)
+    for path in ("data/raw/mnist/train_images.idx", "data/prepared/mnist.npz", "models/baseline.keras"):
+        assert (clone / path).read_bytes() == (root / path).read_bytes(), path
+    assert "up to date" in run(["dvc", "status"], clone).stdout
+    repro = run(["dvc", "repro"], clone)
+    assert "Running stage" not in repro.stdout, repro.stdout
+    for stage in MNIST_STAGES:
+        assert f"'{stage}' didn't change" in repro.stdout, repro.stdout
+
+
+# -- tf.distribute on the CPU ------------------------------------------------------------------
+
+TRAIN_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    import numpy as np
+    from pipeline.params import load_params
+    from pipeline.stages.common import distribution_scope, seed_everything, set_threads
+    from pipeline.stages.train_baseline import train_baseline
+    from pipeline.tracking import stage_run
+
+    settings, logical_cpus = json.loads(sys.argv[1]), int(sys.argv[2])
+    params = load_params()
+    params = params.model_copy(update={
+        "train": params.train.model_copy(update=settings),
+        "baseline": params.baseline.model_copy(update={"conv_filters": [4], "dense_units": 8,
+                                                       "epochs": 1, "batch_size": 4}),
+    })
+    set_threads(params.train)
+    if logical_cpus > 1:  # must happen before TensorFlow starts, hence this fresh process
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * logical_cpus)
+    distribution = distribution_scope(params.train)
+    seed_everything(params.seed)
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, count in (("train", 20), ("validation", 8), ("test", 8)):
+        arrays[f"x_{split}"] = rng.uniform(0, 1, (count, 28, 28, 1)).astype(np.float32)
+        arrays[f"y_{split}"] = np.eye(10, dtype=np.float32)[np.arange(count) % 10]
+    with stage_run("train_baseline", {}, [], "distribute"):
+        trained = train_baseline(arrays, params, distribution)
+    import tensorflow as tf
+    print(json.dumps({
+        "replicas": distribution.replicas,
+        "steps": int(trained.model.optimizer.iterations.numpy()),
+        "loss": trained.fit.history["loss"].tolist(),
+        "test_accuracy": trained.test_accuracy,
+        "threads": [tf.config.threading.get_intra_op_parallelism_threads(),
+                    tf.config.threading.get_inter_op_parallelism_threads()],
+    }))
+""")
+
+
+def train_tiny(tmp_path: Path, settings: dict, logical_cpus: int = 1) -> dict:
+    """Train the baseline for one epoch on 20 digits in a fresh process; what it reports."""
+    shutil.copy(REPO / "params.yaml", tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run([sys.executable, "-c", TRAIN_SCRIPT, json.dumps(settings), str(logical_cpus)],
+                 tmp_path, tracking_uri=uri, timeout=300)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_mirrored_strategy_over_two_logical_cpus_scales_the_global_batch(tmp_path):
+    report = train_tiny(tmp_path, {"distribute": "mirrored", "tf_data": True,
+                                   "intra_op_threads": 1, "inter_op_threads": 1}, logical_cpus=2)
+    assert report["replicas"] == 2
+    assert report["steps"] == 3, "20 digits in global batches of 4 x 2 replicas"
+    assert report["threads"] == [1, 1]
+    assert len(report["loss"]) == 1 and report["loss"][0] == report["loss"][0]  # one finite epoch
+    assert 0.0 <= report["test_accuracy"] <= 1.0
+
