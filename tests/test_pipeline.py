@@ -117,7 +117,11 @@ def test_photos_weights_features_and_vgg_models(project):
         assert data["x_train"].shape == (4, 32, 32, 3) and data["x_train"].dtype == np.uint8
         assert list(data["class_names"]) == ["Cat", "Dog"]
     frozen = np.load(root / "data/features/train_frozen.npy")
-    assert frozen.shape == (4, 2, 2, 512)  # block4_pool of a 32 px photo (finetune.unfreeze: 3)
+    # block4_pool of a 32 px photo (finetune.unfreeze: 3), for the 4 training photos and,
+    # with features.mirror_train, their 4 mirror images after them
+    assert frozen.shape == (8, 2, 2, 512)
+    labels = np.load(root / "data/features/train_labels.npy")
+    assert np.array_equal(labels[:4], labels[4:])
     assert np.load(root / "data/features/test_pooled.npy").shape == (4, 1, 1, 512)
     for stage, name in (("head", "head"), ("finetune", "finetune")):
         metrics = json.loads((root / f"metrics/{name}.json").read_text())
