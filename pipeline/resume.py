@@ -7,7 +7,8 @@ learning-rate schedules read), the early-stopping state and the history rows so 
 folder is written under a temporary name and renamed into place, so a kill at any moment
 leaves the last complete epoch. The next run of the stage restores it and trains the
 remaining epochs only; with the same seed, data and machine it ends with the same numbers
-as an uninterrupted run.
+as an uninterrupted run (with `train.tf_data: true`, only up to the kill: tf.data draws
+each epoch's shuffle from the number of iterators made in the process, which restarts).
 
 `<key>` hashes the stage's params, its input data and the model's architecture (layer
 classes and variable shapes): a backup made with other params or data is never restored
@@ -23,6 +24,7 @@ number of another), and keeps neither the history nor the early-stopping state.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -77,6 +79,7 @@ class EpochBackup(keras.callbacks.Callback):
         self.folder = folder
         self.rows = rows
         self.early_stopping = early_stopping
+        self._restored_rows: list[dict] = []  # kept in every later backup: a second kill loses nothing
         self._restored_early_stopping: dict | None = None
         self._restored_best_weights: list | None = None
 
@@ -87,7 +90,13 @@ class EpochBackup(keras.callbacks.Callback):
         epochs = self._epoch_folders()
         if not epochs:
             return Restored()
-        latest = epochs[-1]
+        # A model built under a tf.distribute strategy (train.distribute) has its variables,
+        # and must get its optimizer's, in that strategy's scope.
+        strategy = getattr(model, "distribute_strategy", None)
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            return self._restore(model, epochs[-1])
+
+    def _restore(self, model, latest: Path) -> Restored:
         try:
             with np.load(latest / "state.npz") as saved:
                 values = [saved[f"v{i}"] for i in range(len(saved.files))]
@@ -99,15 +108,15 @@ class EpochBackup(keras.callbacks.Callback):
             if best.exists():
                 with np.load(best) as saved:
                     self._restored_best_weights = [saved[f"w{i}"] for i in range(len(saved.files))]
-        except (OSError, ValueError, KeyError) as exc:
+        except Exception as exc:  # unreadable or from another model: start afresh, never crash
             print(f"resume: ignoring the backup in {latest} ({exc}); training from the start")
             shutil.rmtree(self.folder, ignore_errors=True)
             return Restored()
         for variable, value in zip(variables, values):
             variable.assign(value)
         self._restored_early_stopping = meta.get("early_stopping")
-        done = int(meta["epochs"])
-        return Restored(done, meta["rows"], bool(meta.get("stopped")))
+        self._restored_rows = meta["rows"]
+        return Restored(int(meta["epochs"]), meta["rows"], bool(meta.get("stopped")))
 
     def _built_state(self, model) -> list:
         if model.optimizer is not None and not model.optimizer.built:
@@ -132,7 +141,7 @@ class EpochBackup(keras.callbacks.Callback):
         es = self.early_stopping
         meta = {
             "epochs": epochs_done,
-            "rows": self.rows,
+            "rows": self._restored_rows + self.rows,
             "stopped": bool(self.model.stop_training),
             "early_stopping": None if es is None else {
                 name: _plain(getattr(es, name)) for name in EARLY_STOPPING_FIELDS
@@ -159,8 +168,12 @@ class EpochBackup(keras.callbacks.Callback):
         stage_folder = self.folder.parent
         if stage_folder.is_dir():
             for other in stage_folder.iterdir():
-                if other != self.folder:
-                    shutil.rmtree(other, ignore_errors=True) if other.is_dir() else other.unlink()
+                if other == self.folder:
+                    continue
+                if other.is_dir():
+                    shutil.rmtree(other, ignore_errors=True)
+                else:
+                    other.unlink()
         if self.folder.is_dir():
             for partial in self.folder.glob(TEMP_PREFIX + "*"):
                 shutil.rmtree(partial, ignore_errors=True)

@@ -125,15 +125,9 @@ def fit(
             logger.log_restored(restored_rows)
         callbacks.append(backup)  # after EarlyStopping: it saves the state that one has updated
     has_validation = validation is not None and len(validation[0]) > 0
-    inputs = fit_inputs(train, validation if has_validation else None, batch_size, tf_data)
-    if tf_data:
-        # Each new iterator of a reshuffling pipeline draws the next order: skip the orders
-        # of the restored epochs, so a resumed training sees what an uninterrupted one would.
-        for _ in range(initial_epoch):
-            iter(inputs["x"])
     started = time.perf_counter()
     model.fit(
-        **inputs,
+        **fit_inputs(train, validation if has_validation else None, batch_size, tf_data),
         epochs=epochs,
         callbacks=callbacks,
         verbose=progress_mode(),

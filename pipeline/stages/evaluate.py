@@ -197,6 +197,7 @@ def all_figures(models: dict, evaluated: dict[str, Evaluated], p: EvaluateParams
 
 
 def run(params_file: Path) -> None:
+    params = load_params(params_file)  # first: a bad param is reported before TensorFlow loads
     import keras
     import mlflow
 
@@ -204,7 +205,6 @@ def run(params_file: Path) -> None:
     from pipeline.files import atomic_path, write_json
     from pipeline.tracking import stage_run
 
-    params = load_params(params_file)
     p = params.evaluate
     for path, stage, data in MODELS.values():
         require(data, stage="prepare_mnist" if data == MNIST else "prepare_images")

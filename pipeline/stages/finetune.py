@@ -39,13 +39,13 @@ def augmentation(seed: int):
 
 
 def run(params_file: Path) -> None:
+    params = load_params(params_file)  # first: a bad param is reported before TensorFlow loads
     import keras
 
     from pipeline.models.baseline import make_optimizer
     from pipeline.models.vgg import assemble_classifier, build_conv_base, build_finetune_model, split_at_last_frozen_layer
     from pipeline.tracking import stage_run
 
-    params = load_params(params_file)
     p = params.finetune
     require(FEATURES, stage="extract_features")
     require(HEAD_MODEL, stage="train_head")

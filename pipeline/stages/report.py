@@ -244,12 +244,12 @@ def make_report(params: Params, active_run) -> tuple[Report, dict[str, float]]:
 
 
 def run(params_file: Path) -> None:
+    params = load_params(params_file)  # first: a bad param is reported before TensorFlow loads
     import mlflow
 
     from pipeline.files import atomic_path
     from pipeline.tracking import stage_run
 
-    params = load_params(params_file)
     require(EVALUATE_METRICS, EVALUATE_PLOTS, stage="evaluate")
     for trained in MODELS.values():
         require(trained.metrics, trained.plots, trained.model, stage=trained.stage)

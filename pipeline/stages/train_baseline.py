@@ -81,9 +81,9 @@ def figures(model, digit: np.ndarray) -> dict:
 
 
 def run(params_file: Path) -> None:
+    params = load_params(params_file)  # first: a bad param is reported before TensorFlow loads
     from pipeline.tracking import stage_run
 
-    params = load_params(params_file)
     require(DATA, stage="prepare_mnist")
     set_threads(params.train)
     distribution = distribution_scope(params.train)

@@ -21,11 +21,11 @@ PLOTS = Path("plots/head")
 
 
 def run(params_file: Path) -> None:
+    params = load_params(params_file)  # first: a bad param is reported before TensorFlow loads
     from pipeline.models.baseline import make_optimizer
     from pipeline.models.vgg import assemble_classifier, build_conv_base, build_head
     from pipeline.tracking import stage_run
 
-    params = load_params(params_file)
     p = params.head
     require(FEATURES, stage="extract_features")
     require(WEIGHTS, stage="download_weights")
