@@ -75,6 +75,7 @@ def results_table(models: Sequence[ModelResult]) -> pd.DataFrame:
                 "test loss": round(model.evaluation["test_loss"], 4),
                 "test samples": model.evaluation["test_samples"],
                 "epochs": model.training.get("epochs"),
+                "kept epoch": model.training.get("kept_epoch"),
                 "seconds per epoch": model.training.get("seconds_per_epoch"),
                 "key params": format_params(model.key_params),
             }
@@ -112,6 +113,12 @@ def model_sentence(model: ModelResult) -> str:
     if epochs:
         training = (f" after {epochs} epoch{'s' if epochs != 1 else ''} of about "
                     f"{model.training.get('seconds_per_epoch', 0):.1f} s")
+        kept = model.training.get("kept_epoch")
+        if kept == 0:
+            training += (", none of which beat its starting weights on validation loss, so it "
+                         "kept those")
+        elif kept is not None and kept != epochs:
+            training += f", keeping epoch {kept}'s weights (the best validation loss)"
     return (
         f"{model.title} got {right} of {scores['test_samples']} {model.data} right "
         f"({percent(scores['test_accuracy'])}, test loss {scores['test_loss']:.3f}){training}. "
@@ -283,10 +290,16 @@ def provenance_section(provenance: dict) -> Section:
 
 def timings_section(timings: pd.DataFrame, visualize_seconds: dict[str, float]) -> Section:
     blocks: list[Block] = [
-        Text("Wall time of each stage's latest MLflow run (from its start and end time). "
-             "Download and preparation stages are not MLflow runs and are not listed."),
+        Text("Wall time of each stage's MLflow run, from its start and end time: the run named in "
+             "the stage's metrics file, else the stage's newest finished run (a stage that DVC "
+             "found up to date shows the run that last produced its outputs)."),
     ]
-    blocks.append(Table(timings, name="timings") if not timings.empty else Text("No MLflow runs found."))
+    if timings.empty:
+        blocks.append(Text("No MLflow runs found."))
+    else:
+        blocks.append(Table(timings, name="timings"))
+        blocks.append(Text(f"Together: {timings['seconds'].sum():.0f} s over {len(timings)} stages, "
+                           "before this report."))
     if visualize_seconds:
         parts = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in visualize_seconds.items())
         blocks.append(Text(f"This report's own filter pictures took: {parts}."))

@@ -106,4 +106,11 @@ def download_images(p: ImagesParams, out: Path = OUT, report_path: Path = REPORT
 
 
 def run(params_file: Path) -> None:
-    download_images(load_params(params_file).images)
+    params = load_params(params_file)
+    import mlflow
+
+    from pipeline.tracking import stage_run
+
+    with stage_run("download_images", {"images": params.images.model_dump()}, [], params.mlflow.experiment):
+        report = download_images(params.images)
+        mlflow.log_metrics({"photos_kept": sum(report["kept"].values()), "photos_skipped": report["skipped"]})

@@ -56,4 +56,8 @@ def download_mnist(p: MnistParams, out: Path = OUT) -> None:
 
 
 def run(params_file: Path) -> None:
-    download_mnist(load_params(params_file).mnist)
+    params = load_params(params_file)
+    from pipeline.tracking import stage_run
+
+    with stage_run("download_mnist", {"mnist": params.mnist.model_dump()}, [], params.mlflow.experiment):
+        download_mnist(params.mnist)

@@ -57,4 +57,8 @@ def download_weights(p: Vgg16Params, out: Path = OUT) -> None:
 
 
 def run(params_file: Path) -> None:
-    download_weights(load_params(params_file).vgg16)
+    params = load_params(params_file)
+    from pipeline.tracking import stage_run
+
+    with stage_run("download_weights", {"vgg16": params.vgg16.model_dump()}, [], params.mlflow.experiment):
+        download_weights(params.vgg16)

@@ -10,6 +10,7 @@ whatever the number of photos.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -68,16 +69,25 @@ def extract(
 
 def run(params_file: Path) -> None:
     params = load_params(params_file)
+    import mlflow
+
+    from pipeline.tracking import stage_run
+
     require(IMAGES, stage="prepare_images")
     require(WEIGHTS, stage="download_weights")
     with np.load(IMAGES) as data:
         class_names = [str(name) for name in data["class_names"]]
         splits = {split: (data[f"x_{split}"], data[f"y_{split}"]) for split in SPLITS}
-    extractor = feature_extractor(str(WEIGHTS), splits["train"][0].shape[1:], params.finetune.unfreeze)
-    with atomic_path(OUT, directory=True) as staging:
-        for split, (images, labels) in splits.items():
-            mirrored = split == "train" and params.features.mirror_train
-            extract(extractor, images, params.features.batch_size,
-                    staging / f"{split}_frozen.npy", staging / f"{split}_pooled.npy", mirrored)
-            np.save(staging / f"{split}_labels.npy", np.concatenate([labels, labels]) if mirrored else labels)
-        (staging / "class_names.json").write_text(json.dumps(class_names) + "\n")
+    stage_params = {"features": params.features.model_dump(), "finetune": {"unfreeze": params.finetune.unfreeze}}
+    with stage_run("extract_features", stage_params, [IMAGES, WEIGHTS], params.mlflow.experiment):
+        extractor = feature_extractor(str(WEIGHTS), splits["train"][0].shape[1:], params.finetune.unfreeze)
+        photos, started = 0, time.perf_counter()
+        with atomic_path(OUT, directory=True) as staging:
+            for split, (images, labels) in splits.items():
+                mirrored = split == "train" and params.features.mirror_train
+                extract(extractor, images, params.features.batch_size,
+                        staging / f"{split}_frozen.npy", staging / f"{split}_pooled.npy", mirrored)
+                np.save(staging / f"{split}_labels.npy", np.concatenate([labels, labels]) if mirrored else labels)
+                photos += len(images) * (2 if mirrored else 1)
+            (staging / "class_names.json").write_text(json.dumps(class_names) + "\n")
+        mlflow.log_metrics({"photos": photos, "photos_per_second": photos / (time.perf_counter() - started)})

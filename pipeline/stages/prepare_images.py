@@ -33,9 +33,13 @@ def prepare_images(raw: Path, size: int, per_class: dict[str, int], seed: int) -
 
 def run(params_file: Path) -> None:
     params = load_params(params_file)
+    from pipeline.tracking import stage_run
+
     require(RAW, stage="download_images")
     p = params.images
-    arrays = prepare_images(RAW, p.size, p.per_class.model_dump(), params.seed)
-    with atomic_path(OUT) as temp:
-        with temp.open("wb") as handle:
-            np.savez(handle, **arrays)
+    stage_params = {"seed": params.seed, "images": {"size": p.size, "per_class": p.per_class.model_dump()}}
+    with stage_run("prepare_images", stage_params, [RAW], params.mlflow.experiment):
+        arrays = prepare_images(RAW, p.size, p.per_class.model_dump(), params.seed)
+        with atomic_path(OUT) as temp:
+            with temp.open("wb") as handle:
+                np.savez(handle, **arrays)

@@ -57,10 +57,14 @@ def prepare_mnist(
 
 def run(params_file: Path) -> None:
     params = load_params(params_file)
+    from pipeline.tracking import stage_run
+
     require(RAW, stage="download_mnist")
-    arrays = prepare_mnist(
-        read_split(RAW, "train"), read_split(RAW, "test"), params.mnist.validation_size, params.seed
-    )
-    with atomic_path(OUT) as temp:
-        with temp.open("wb") as handle:
-            np.savez(handle, **arrays)
+    stage_params = {"seed": params.seed, "mnist": {"validation_size": params.mnist.validation_size}}
+    with stage_run("prepare_mnist", stage_params, [RAW], params.mlflow.experiment):
+        arrays = prepare_mnist(
+            read_split(RAW, "train"), read_split(RAW, "test"), params.mnist.validation_size, params.seed
+        )
+        with atomic_path(OUT) as temp:
+            with temp.open("wb") as handle:
+                np.savez(handle, **arrays)

@@ -55,7 +55,8 @@ MODELS = {
                            Path("metrics/finetune.json"), Path("plots/finetune"), Path("models/finetuned.keras")),
 }
 # Stages whose MLflow runs the timing table lists, in pipeline order.
-TRACKED_STAGES = ("train_baseline", "train_head", "finetune", "evaluate")
+TRACKED_STAGES = ("download_mnist", "prepare_mnist", "train_baseline", "download_images", "download_weights",
+                  "prepare_images", "extract_features", "train_head", "finetune", "evaluate")
 TRAINING_STAGES = ("train_baseline", "train_head", "finetune")
 
 
