@@ -34,7 +34,7 @@ def build_baseline(input_shape: tuple[int, ...], num_classes: int, p: BaselinePa
     ]
     try:
         return keras.Sequential([keras.Input(input_shape), *stack], name="baseline")
-    except ValueError as exc:
+    except ValueError:
         raise UserError(
             f"baseline: conv_filters/kernel_size/strides/padding/pool_size shrink the "
             f"{input_shape[0]}x{input_shape[1]} input to nothing; "

@@ -13,7 +13,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.files import atomic_path
-from pipeline.params import TrainParams
+from pipeline.params import Params, TrainParams
 
 
 def require(*paths: Path, stage: str) -> None:
@@ -54,9 +54,8 @@ def distribution_scope(train: TrainParams) -> Distribution:
     """The tf.distribute strategy that `train.distribute` names, as (scope, replicas).
 
     mirrored: one replica per visible GPU, or per logical CPU when there is no GPU (one on
-    a plain machine); multi_worker: MultiWorkerMirroredStrategy, whose cluster and role come
-    from the TF_CONFIG environment variable (a single local worker without it). Create it
-    after `set_threads` and before any other TF op.
+    a plain machine). (params.py refuses multi_worker.) Create it after `set_threads` and
+    before any other TF op.
     """
     import tensorflow as tf
 
@@ -66,8 +65,22 @@ def distribution_scope(train: TrainParams) -> Distribution:
         devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
         strategy = tf.distribute.MirroredStrategy([device.name for device in devices])
     else:
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        raise AssertionError(f"train.distribute {train.distribute!r} passed validation")
     return Distribution(strategy.scope(), strategy.num_replicas_in_sync)
+
+
+def start_training(params: Params, *inputs: tuple[Path, str]) -> Distribution:
+    """The common start of a training stage, in the order TensorFlow needs it.
+
+    Each (path, upstream stage) in `inputs` must exist; then the thread settings, the
+    distribution strategy, and the seeds. Returns the strategy's (scope, replicas).
+    """
+    for path, stage in inputs:
+        require(path, stage=stage)
+    set_threads(params.train)
+    distribution = distribution_scope(params.train)
+    seed_everything(params.seed)
+    return distribution
 
 
 def progress_mode() -> int | str:
@@ -80,6 +93,7 @@ class FitResult:
     history: "pandas.DataFrame"  # noqa: F821 - one row per epoch, Keras' log keys + epoch_seconds
     fit_seconds: float  # wall time of model.fit, for the benchmarks
     resume_stage: str | None = None  # whose .resume/ backup to delete once the outputs are written
+    kept_epoch: int | None = None  # the epoch whose weights the model ends with (0: the start)
 
     @property
     def seconds_per_epoch(self) -> float:
@@ -111,9 +125,7 @@ def fit(
     callbacks: list[keras.callbacks.Callback] = [logger]
     early_stopping = None
     if early_stopping_patience and validation is not None:
-        early_stopping = keras.callbacks.EarlyStopping(
-            patience=early_stopping_patience, restore_best_weights=True
-        )
+        early_stopping = early_stopping_from_start(validation, batch_size, early_stopping_patience)
         callbacks.append(early_stopping)
     backup, stage = _epoch_backup(model, logger.rows, early_stopping)
     initial_epoch, restored_rows = 0, []
@@ -135,7 +147,25 @@ def fit(
     )
     fit_seconds = time.perf_counter() - started
     frame = pd.DataFrame(restored_rows + logger.rows)
-    return FitResult(frame, fit_seconds, stage)
+    kept = len(frame) if early_stopping is None else early_stopping.best_epoch + 1
+    return FitResult(frame, fit_seconds, stage, kept_epoch=kept)
+
+
+def early_stopping_from_start(validation: tuple[np.ndarray, np.ndarray], batch_size: int, patience: int):
+    """Keras' EarlyStopping on val_loss, restoring the best weights, whose candidates include
+    the weights that fit starts from (best_epoch -1): a training that never beats its
+    starting point on validation (fine-tuning an already trained head, say) ends where it
+    started instead of worse. Costs one evaluation of the validation set."""
+    import keras
+
+    class EarlyStoppingFromStart(keras.callbacks.EarlyStopping):
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            self.best = self.model.evaluate(*validation, batch_size=batch_size, verbose=0, return_dict=True)["loss"]
+            self.best_weights = self.model.get_weights()
+            self.best_epoch = -1
+
+    return EarlyStoppingFromStart(monitor="val_loss", patience=patience, restore_best_weights=True)
 
 
 def fit_inputs(
@@ -246,6 +276,7 @@ def publish_training(
         "test_accuracy": float(test_accuracy),
         "test_loss": float(test_loss),
         "epochs": int(len(result.history)),
+        "kept_epoch": result.kept_epoch,  # early stopping's pick (0: the starting weights)
         "seconds_per_epoch": round(result.seconds_per_epoch, 3),
         "mlflow_run_id": run.info.run_id,
     }

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.params import load_params
-from pipeline.stages.common import distribution_scope, fit, publish_training, require, seed_everything, set_threads
+from pipeline.stages.common import fit, publish_training, start_training
 from pipeline.stages.vgg_common import FEATURES, IMAGES, WEIGHTS, head_of, load_features, loss_for, vgg_figures
 
 STAGE = "finetune"
@@ -47,11 +47,7 @@ def run(params_file: Path) -> None:
     from pipeline.tracking import stage_run
 
     p = params.finetune
-    require(FEATURES, stage="extract_features")
-    require(HEAD_MODEL, stage="train_head")
-    set_threads(params.train)
-    scope, replicas = distribution_scope(params.train)
-    seed_everything(params.seed)
+    scope, replicas = start_training(params, (FEATURES, "extract_features"), (HEAD_MODEL, "train_head"))
     splits, class_names = load_features("frozen")
     with np.load(IMAGES) as data:
         photos = {split: (data[f"x_{split}"], data[f"y_{split}"]) for split in ("train", "validation", "test")}

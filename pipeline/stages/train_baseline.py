@@ -14,7 +14,7 @@ import numpy as np
 
 from pipeline.params import Params, load_params
 from pipeline.stages.common import (
-    Distribution, FitResult, distribution_scope, fit, publish_training, require, seed_everything, set_threads,
+    Distribution, FitResult, distribution_scope, fit, publish_training, start_training,
 )
 
 STAGE = "train_baseline"
@@ -84,10 +84,7 @@ def run(params_file: Path) -> None:
     params = load_params(params_file)  # first: a bad param is reported before TensorFlow loads
     from pipeline.tracking import stage_run
 
-    require(DATA, stage="prepare_mnist")
-    set_threads(params.train)
-    distribution = distribution_scope(params.train)
-    seed_everything(params.seed)
+    distribution = start_training(params, (DATA, "prepare_mnist"))
     with np.load(DATA) as data:
         arrays = {key: data[key] for key in data.files}
     stage_params = {"seed": params.seed, "baseline": params.baseline.model_dump(),

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.params import load_params
-from pipeline.stages.common import distribution_scope, fit, publish_training, require, seed_everything, set_threads
+from pipeline.stages.common import fit, publish_training, start_training
 from pipeline.stages.vgg_common import FEATURES, IMAGES, WEIGHTS, load_features, loss_for, vgg_figures
 
 STAGE = "train_head"
@@ -27,11 +27,7 @@ def run(params_file: Path) -> None:
     from pipeline.tracking import stage_run
 
     p = params.head
-    require(FEATURES, stage="extract_features")
-    require(WEIGHTS, stage="download_weights")
-    set_threads(params.train)
-    scope, replicas = distribution_scope(params.train)
-    seed_everything(params.seed)
+    scope, replicas = start_training(params, (FEATURES, "extract_features"), (WEIGHTS, "download_weights"))
     splits, class_names = load_features("pooled")
     with np.load(IMAGES) as data:
         examples = data["x_test"][:2]

@@ -1,0 +1,40 @@
+"""fit's early stopping: the starting weights are a candidate, so fine-tuning never ends worse."""
+
+import numpy as np
+import pytest
+
+
+def _model(seed: int):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="binary_crossentropy")
+    return model
+
+
+def _data(flip: bool):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 3)).astype(np.float32)
+    y = (x[:, :1] > 0).astype(np.float32)
+    return x, (1 - y) if flip else y
+
+
+@pytest.mark.parametrize("train_flipped, kept_start", [(True, True), (False, False)])
+def test_early_stopping_keeps_the_starting_weights_unless_an_epoch_beats_them(train_flipped, kept_start):
+    from pipeline.stages.common import fit
+
+    model = _model(1)
+    validation = _data(flip=False)
+    model.fit(*validation, epochs=30, verbose=0)  # a good start: trained on the validation task
+    start = [w.copy() for w in model.get_weights()]
+    start_loss = model.evaluate(*validation, verbose=0)
+    # Flipped training labels: every epoch makes validation worse than the start.
+    result = fit(model, _data(flip=train_flipped), validation, epochs=4, batch_size=16, early_stopping_patience=2)
+    end_loss = model.evaluate(*validation, verbose=0)
+    if kept_start:
+        assert result.kept_epoch == 0 and len(result.history) == 2, "stopped after patience, kept the start"
+        assert all(np.array_equal(a, b) for a, b in zip(start, model.get_weights()))
+    else:
+        assert result.kept_epoch >= 1 and end_loss < start_loss
+    assert end_loss <= start_loss + 1e-7
