@@ -34,12 +34,22 @@ class MlflowParams(Section):
     experiment: Annotated[str, Field(min_length=1)]
 
 
+def _no_multi_worker(value: str) -> str:
+    if value == "multi_worker":
+        raise ValueError(
+            "multi_worker is not available: Keras 3's model.fit fails under "
+            "MultiWorkerMirroredStrategy (keras-team/keras#20585); use none or mirrored, and spread "
+            "experiments over machines with DVC's queue (README: Scaling out)"
+        )
+    return value
+
+
 class TrainParams(Section):
     """How the training stages run (not what they learn): devices, input pipeline, threads."""
 
-    # none: the default device; mirrored: one replica per visible GPU (else the CPU);
-    # multi_worker: MultiWorkerMirroredStrategy, its cluster described by TF_CONFIG.
-    distribute: Literal["none", "mirrored", "multi_worker"]
+    # none: the default device; mirrored: one replica per visible GPU (else the CPU).
+    # multi_worker (MultiWorkerMirroredStrategy) is named so that asking for it says why not.
+    distribute: Annotated[Literal["none", "mirrored", "multi_worker"], AfterValidator(_no_multi_worker)]
     tf_data: bool  # feed fit a tf.data pipeline (shuffle, batch, prefetch) instead of arrays
     intra_op_threads: Annotated[int, Field(ge=0)]  # 0 = TensorFlow's default
     inter_op_threads: Annotated[int, Field(ge=0)]  # 0 = TensorFlow's default
@@ -184,7 +194,8 @@ def _describe(error: dict) -> str:
         return f"{key}: unknown key (check the spelling against the defaults in params.yaml)"
     if error["type"] == "missing":
         return f"{key}: missing"
-    return f"{key}: {error['msg'].lower()} (got {error['input']!r})"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{key}: {message[:1].lower()}{message[1:]} (got {error['input']!r})"
 
 
 def parse_params(raw: object, source: str = "params.yaml") -> Params:

@@ -302,3 +302,39 @@ def test_mirrored_strategy_over_two_logical_cpus_scales_the_global_batch(tmp_pat
     assert len(report["loss"]) == 1 and report["loss"][0] == report["loss"][0]  # one finite epoch
     assert 0.0 <= report["test_accuracy"] <= 1.0
 
+
+
+
+MULTI_WORKER_SCRIPT = textwrap.dedent("""
+    import numpy as np, tensorflow as tf, keras
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        model.compile("sgd", "mse")
+    model.fit(np.ones((16, 4), np.float32), np.ones((16, 2), np.float32), batch_size=8, verbose=0)
+    print("trained")
+""")
+
+
+def test_multi_worker_is_refused_in_one_line_because_keras_3_fit_fails_under_it(tmp_path):
+    """keras-team/keras#20585: two workers on loopback, plain Keras, still fail; when this
+    starts passing, the refusal in params.py can go."""
+    from pipeline.errors import UserError
+    from pipeline.params import load_params
+
+    params = YAML(typ="safe", pure=True).load((REPO / "params.yaml").read_text())
+    params["train"]["distribute"] = "multi_worker"
+    write_yaml(tmp_path / "params.yaml", params)
+    with pytest.raises(UserError, match=r"params.yaml: train.distribute: multi_worker is not available: "
+                                        r"Keras 3's model.fit fails .*keras-team/keras#20585"):
+        load_params(tmp_path / "params.yaml")
+
+    cluster = {"worker": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]}
+    workers = [subprocess.Popen(
+        [sys.executable, "-c", MULTI_WORKER_SCRIPT], cwd=tmp_path, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})},
+    ) for i in range(2)]
+    outcomes = [worker.communicate(timeout=300) for worker in workers]
+    assert [worker.returncode for worker in workers] == [1, 1], "Keras 3 trains multi-worker now?"
+    assert all("PerReplica" in err for _, err in outcomes)
