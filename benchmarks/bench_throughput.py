@@ -67,7 +67,7 @@ def time_epochs(settings: dict, samples: int, epochs: int) -> list[float]:
         on_epoch_begin=lambda epoch, logs: seconds.append(-time.perf_counter()),
         on_epoch_end=lambda epoch, logs: seconds.__setitem__(-1, seconds[-1] + time.perf_counter()),
     )
-    model.fit(**fit_inputs((x, y), None, p.batch_size * replicas, train.tf_data),
+    model.fit(**fit_inputs((x, y), None, p.batch_size * replicas, train.tf_data, epochs),
               epochs=epochs, callbacks=[timer], verbose=0)
     return seconds
 

@@ -469,15 +469,8 @@ def test_a_resumed_training_equals_an_uninterrupted_one(embedded_store, monkeypa
 
     columns = [c for c in full.history.columns if c != "epoch_seconds"]
     assert len(resumed.history) == len(full.history)
-    if tf_data:
-        # tf.data draws each epoch's order from how many iterators the pipeline has made in
-        # this process, and Keras makes two per epoch: a resumed run gets other orders, so
-        # only the restored epochs are bit-identical (README, "Reliability").
-        assert resumed.history[columns][:2].equals(full.history[columns][:2])
-        assert list(resumed.history["epoch"]) == list(full.history["epoch"])
-    else:
-        assert resumed.history[columns].equals(full.history[columns]), "every epoch, bit for bit"
-        assert all(np.array_equal(a, b) for a, b in zip(full_weights, resumed_weights))
+    assert resumed.history[columns].equals(full.history[columns]), "every epoch, bit for bit"
+    assert all(np.array_equal(a, b) for a, b in zip(full_weights, resumed_weights))
     assert resumed.resume_stage == "train_baseline"
 
     client = client_for(embedded_store)
@@ -753,4 +746,11 @@ def test_three_queued_experiments_two_at_a_time_share_the_sqlite_store(project):
         assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 1
         assert {"test_accuracy", "test_loss", "seconds_per_epoch"} <= run.data.metrics.keys()
     assert not (root / ".dvc/tmp/exps/mlflow.db").exists(), "the runs went to the main project's store"
+    # The sweep, as a user compares it: one row per experiment, its dropout and its accuracy.
+    table = json.loads(sh(["pipeline", "compare", "--stage", "train_baseline", "-p", "baseline.dropout",
+                           "--sort", "baseline.dropout", "--ascending", "-f", "json"], root).stdout)
+    swept = [row for row in table if row["dvc_exp"] in names]
+    assert [(row["dvc_exp"], row["baseline.dropout"]) for row in swept] == list(zip(names, [0.1, 0.2, 0.3]))
+    accuracies = {r.data.tags["dvc.exp_name"]: r.data.metrics["test_accuracy"] for r in runs}
+    assert [row["test_accuracy"] for row in swept] == [accuracies[name] for name in names]
 

@@ -108,6 +108,7 @@ def fit(
     batch_size: int,
     early_stopping_patience: int = 0,
     tf_data: bool = False,
+    shuffle_seed: int = 0,
 ) -> FitResult:
     """model.fit with per-epoch MLflow logging and timing (and optional early stopping).
 
@@ -139,7 +140,8 @@ def fit(
     has_validation = validation is not None and len(validation[0]) > 0
     started = time.perf_counter()
     model.fit(
-        **fit_inputs(train, validation if has_validation else None, batch_size, tf_data),
+        **fit_inputs(train, validation if has_validation else None, batch_size, tf_data, epochs, initial_epoch,
+                     shuffle_seed),
         epochs=epochs,
         callbacks=callbacks,
         verbose=progress_mode(),
@@ -173,24 +175,36 @@ def fit_inputs(
     validation: tuple[np.ndarray, np.ndarray] | None,
     batch_size: int,
     tf_data: bool,
+    epochs: int = 1,
+    initial_epoch: int = 0,
+    seed: int = 0,
 ) -> dict:
     """model.fit's data arguments: the arrays, or (`tf_data`) tf.data pipelines built from them.
 
-    The pipeline shuffles the whole training set each epoch (seeded by the global seed, as
-    Keras does for arrays), batches it and prefetches batches while the model trains.
+    The tf.data pipeline streams epochs `initial_epoch`..`epochs`-1 as one dataset: each
+    epoch's order is a permutation drawn from (seed, epoch) alone, its batches are gathered
+    from the arrays and prefetched while the model trains. Since the order does not depend
+    on how many iterators came before (tf.data's own reshuffling does, and Keras makes two
+    per epoch), a training resumed at epoch k sees exactly the orders of an uninterrupted one.
     """
     if not tf_data:
         return {"x": train[0], "y": train[1], "batch_size": batch_size, "validation_data": validation}
     import tensorflow as tf
 
-    def batches(arrays: tuple[np.ndarray, np.ndarray], shuffle: bool):
-        dataset = tf.data.Dataset.from_tensor_slices(arrays)
-        if shuffle:
-            dataset = dataset.shuffle(len(arrays[0]), reshuffle_each_iteration=True)
-        return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    count = len(train[0])
+    x, y = tf.convert_to_tensor(train[0]), tf.convert_to_tensor(train[1])
 
-    return {"x": batches(train, shuffle=True),
-            "validation_data": batches(validation, shuffle=False) if validation else None}
+    def epoch_batches(epoch):
+        keys = tf.random.stateless_uniform([count], seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+        return tf.data.Dataset.from_tensor_slices(tf.argsort(keys)).batch(batch_size)
+
+    stream = (tf.data.Dataset.range(initial_epoch, epochs).flat_map(epoch_batches)
+              .map(lambda rows: (tf.gather(x, rows), tf.gather(y, rows)))
+              .prefetch(tf.data.AUTOTUNE))
+    checked = None
+    if validation:
+        checked = tf.data.Dataset.from_tensor_slices(validation).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return {"x": stream, "steps_per_epoch": -(-count // batch_size), "validation_data": checked}
 
 
 def _epoch_backup(model, rows: list[dict], early_stopping):

@@ -72,7 +72,7 @@ def run(params_file: Path) -> None:
             model.compile(optimizer=make_optimizer(p.optimizer, p.learning_rate),
                           loss=loss_for(len(class_names)), metrics=["accuracy"])
         result = fit(model, train, validation, p.epochs, p.batch_size * replicas, p.early_stopping_patience,
-                     params.train.tf_data)
+                     params.train.tf_data, params.seed)
         test_metrics = model.evaluate(*test, batch_size=64, verbose=0)
         figures = vgg_figures(classifier, photos["test"][0][0], ("block5_conv1", "block5_conv3"))
         publish_training(run, model, classifier, result, tuple(test_metrics), (MODEL, METRICS, PLOTS),

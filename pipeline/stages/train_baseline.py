@@ -60,6 +60,7 @@ def train_baseline(
         batch_size=batch_size,
         early_stopping_patience=p.early_stopping_patience,
         tf_data=params.train.tf_data,
+        shuffle_seed=params.seed,
     )
     test_loss, test_accuracy = model.evaluate(
         arrays["x_test"], arrays["y_test"], batch_size=256, verbose=0

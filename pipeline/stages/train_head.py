@@ -39,7 +39,7 @@ def run(params_file: Path) -> None:
             head.compile(optimizer=make_optimizer(p.optimizer, p.learning_rate),
                          loss=loss_for(len(class_names)), metrics=["accuracy"])
         result = fit(head, splits["train"], splits["validation"], p.epochs, p.batch_size * replicas,
-                     p.early_stopping_patience, params.train.tf_data)
+                     p.early_stopping_patience, params.train.tf_data, params.seed)
         test = head.evaluate(*splits["test"], batch_size=256, verbose=0)
         conv_base = build_conv_base(str(WEIGHTS), photo.shape)
         classifier = assemble_classifier(conv_base, head, unfreeze=0)
