@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -104,21 +102,10 @@ def test_predict_together_shares_layers_and_matches_predict(tmp_path):
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     """A tiny project on which the evaluate stage has run (MLflow in a temp sqlite store)."""
-    from tiny_project import make_tiny_project
+    from pipeline.stages import evaluate
+    from tiny_project import run_stages_in_tiny_project
 
-    root = tmp_path_factory.mktemp("evaluate")
-    old = Path.cwd()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        os.chdir(root)
-        try:
-            make_tiny_project(root)
-            from pipeline.stages import evaluate
-
-            evaluate.run(Path("params.yaml"))
-        finally:
-            os.chdir(old)
-    return root
+    return run_stages_in_tiny_project(tmp_path_factory.mktemp("evaluate"), evaluate)
 
 
 def test_evaluate_writes_the_contract(evaluated):

@@ -149,7 +149,11 @@ def test_evaluate_and_report(project):
     html = (root / "reports/report.html").read_text()
     assert "<table" in html and "data:image/png;base64," in html
     assert 'src="http' not in html and "src='http" not in html, "the report must open offline"
-    assert (root / "reports/report.md").stat().st_size > 0
+    markdown = (root / "reports/report.md").read_text()
+    timings = markdown.split("## How long each stage took", 1)[1].split("\n## ", 1)[0]
+    stages = YAML(typ="safe", pure=True).load((root / "dvc.yaml").read_text())["stages"]
+    timed = {line.split("|")[1].strip() for line in timings.splitlines() if line.startswith("| ")}
+    assert set(stages) - {"report"} <= timed, "every stage but the report itself has its wall time"
 
 
 def test_runs_are_tracked_in_the_embedded_store(project):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -111,20 +110,9 @@ def test_best_runs_table_names_the_params_that_differ():
 def reported(tmp_path_factory):
     """A tiny project on which evaluate and then report have run (MLflow in a temp store)."""
     from pipeline.stages import evaluate, report
-    from tiny_project import make_tiny_project
+    from tiny_project import run_stages_in_tiny_project
 
-    root = tmp_path_factory.mktemp("report")
-    old = Path.cwd()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        os.chdir(root)
-        try:
-            make_tiny_project(root)
-            evaluate.run(Path("params.yaml"))
-            report.run(Path("params.yaml"))
-        finally:
-            os.chdir(old)
-    return root
+    return run_stages_in_tiny_project(tmp_path_factory.mktemp("report"), evaluate, report)
 
 
 def test_report_stage_writes_markdown_html_and_figures(reported):

@@ -162,3 +162,23 @@ def make_tiny_project(root: Path) -> dict[str, str]:
     write_data(root)
     models = write_models(root, params)
     return write_training_outputs(root, params, models)
+
+
+def run_stages_in_tiny_project(root: Path, *stages) -> Path:
+    """make_tiny_project(root), then each stage module's run() inside it, logging to
+    root/mlflow.db; the working directory and environment are restored afterwards."""
+    import os
+
+    import pytest
+
+    old = Path.cwd()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        os.chdir(root)
+        try:
+            make_tiny_project(root)
+            for stage in stages:
+                stage.run(Path("params.yaml"))
+        finally:
+            os.chdir(old)
+    return root
