@@ -91,6 +91,7 @@ def test_best_runs_table_names_the_params_that_differ():
         "tags.pipeline.stage": ["train_baseline"] * 3,
         "tags.dvc.exp_name": ["old-exp", None, None],
         "metrics.test_accuracy": [0.99, 0.97, None],
+        "metrics.process_seconds": [41.26, 400.0, None],
         "params.baseline.dropout": ["0.25", "0.5", "0.5"],
         "params.seed": ["42", "42", "42"],
     })
@@ -102,7 +103,8 @@ def test_best_runs_table_names_the_params_that_differ():
     assert row["best run's DVC experiment"] == "old-exp"
     timings = timings_table(runs, ["train_baseline"], {"train_baseline": "a" * 32})
     assert timings.to_dict("records") == [
-        {"stage": "train_baseline", "run": "aaaaaaaa", "status": "FINISHED", "started": "2026-01-01 00:00:00", "seconds": 30.0}
+        {"stage": "train_baseline", "run": "aaaaaaaa", "status": "FINISHED", "started": "2026-01-01 00:00:00", "seconds": 30.0,
+         "process seconds": 41.3}
     ]
 
 
@@ -179,3 +181,16 @@ def test_report_html_renders_in_headless_chromium(reported):
     assert all(width > 0 for width in seen["widths"]), f"pictures that did not decode: {seen['widths']}"
     assert seen["results_rows"] == 3
     assert "test accuracy" in seen["results_headers"]
+
+
+def test_every_stage_run_records_its_process_time(reported):
+    """process_seconds (the stage's whole cost, imports included) is logged on success."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{reported / 'mlflow.db'}")
+    runs = [run for run in client.search_runs([e.experiment_id for e in client.search_experiments()])
+            if run.data.tags["pipeline.stage"] in ("evaluate", "report")]
+    assert len(runs) == 2
+    for run in runs:
+        wall = (run.info.end_time - run.info.start_time) / 1000
+        assert run.data.metrics["process_seconds"] >= wall > 0

@@ -290,16 +290,20 @@ def provenance_section(provenance: dict) -> Section:
 
 def timings_section(timings: pd.DataFrame, visualize_seconds: dict[str, float]) -> Section:
     blocks: list[Block] = [
-        Text("Wall time of each stage's MLflow run, from its start and end time: the run named in "
-             "the stage's metrics file, else the stage's newest finished run (a stage that DVC "
-             "found up to date shows the run that last produced its outputs)."),
+        Text("How long each stage took: `seconds` is its MLflow run's wall time (the stage's work), "
+             "`process seconds` runs from the start of the stage's process (TensorFlow's and "
+             "MLflow's imports included) to the run's end. The run is the one named in the "
+             "stage's metrics file, else the stage's newest finished run (a stage that DVC found "
+             "up to date shows the run that last produced its outputs)."),
     ]
     if timings.empty:
         blocks.append(Text("No MLflow runs found."))
     else:
         blocks.append(Table(timings, name="timings"))
-        blocks.append(Text(f"Together: {timings['seconds'].sum():.0f} s over {len(timings)} stages, "
-                           "before this report."))
+        together = f"{timings['seconds'].sum():.0f} s"
+        if timings["process seconds"].notna().all():
+            together += f" ({timings['process seconds'].sum():.0f} s of processes)"
+        blocks.append(Text(f"Together: {together} over {len(timings)} stages, before this report."))
     if visualize_seconds:
         parts = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in visualize_seconds.items())
         blocks.append(Text(f"This report's own filter pictures took: {parts}."))

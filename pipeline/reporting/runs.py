@@ -34,20 +34,25 @@ def current_run(runs: pd.DataFrame, stage: str, run_id: str | None) -> pd.Series
 
 
 def timings_table(runs: pd.DataFrame, stages: Sequence[str], run_ids: Mapping[str, str]) -> pd.DataFrame:
-    """One row per stage that has a run: stage, run (short id), status, started (UTC), seconds.
+    """One row per stage that has a run: stage, run (short id), status, started (UTC), seconds
+    (the MLflow run's wall time) and process seconds (from the stage's process start to the
+    run's end, TensorFlow's and MLflow's imports included; empty for runs that lack it).
 
     `run_ids` names the run of a stage whose outputs the report shows (from its metrics file).
     """
     rows = [row for stage in stages if (row := current_run(runs, stage, run_ids.get(stage))) is not None]
     if not rows:
-        return pd.DataFrame(columns=["stage", "run", "status", "started", "seconds"])
-    identity = identity_columns(pd.DataFrame(rows))
+        return pd.DataFrame(columns=["stage", "run", "status", "started", "seconds", "process seconds"])
+    frame = pd.DataFrame(rows)
+    identity = identity_columns(frame)
+    process = frame["metrics.process_seconds"] if "metrics.process_seconds" in frame else pd.Series([None] * len(frame))
     return pd.DataFrame({
         "stage": identity["stage"].to_numpy(),
         "run": identity["run_id"].str[:SHORT_ID].to_numpy(),
         "status": identity["status"].to_numpy(),
         "started": identity["started"].to_numpy(),
         "seconds": identity["seconds"].to_numpy(),
+        "process seconds": pd.to_numeric(process, errors="coerce").round(1).to_numpy(),
     })
 
 
