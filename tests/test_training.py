@@ -38,3 +38,4 @@ def test_early_stopping_keeps_the_starting_weights_unless_an_epoch_beats_them(tr
     else:
         assert result.kept_epoch >= 1 and end_loss < start_loss
     assert end_loss <= start_loss + 1e-7
+    assert result.start_validation["loss"] == pytest.approx(start_loss, rel=1e-6), "drawn as epoch 0"

@@ -339,6 +339,17 @@ def test_training_curves_have_a_loss_and_an_accuracy_panel():
     assert len(training_curves_figure(history[["epoch", "loss", "val_loss"]]).axes) == 1
 
 
+def test_training_curves_draw_the_starting_weights_as_epoch_0_and_mark_them_when_best():
+    history = pd.DataFrame({"epoch": [1, 2], "loss": [0.05, 0.04], "val_loss": [0.15, 0.13],
+                            "accuracy": [0.98, 0.99], "val_accuracy": [0.96, 0.97]})
+    fig = training_curves_figure(history, start={"loss": 0.12, "accuracy": 0.964})
+    loss_ax, accuracy_ax = fig.axes
+    validation = loss_ax.lines[1]
+    assert list(validation.get_xdata()) == [0, 1, 2] and validation.get_ydata()[0] == 0.12
+    assert list(loss_ax.lines[-1].get_xdata()) == [0], "the start had the lowest validation loss"
+    assert list(accuracy_ax.lines[-1].get_xdata()) == [2]
+
+
 @pytest.mark.parametrize("classes", [2, 10])
 def test_confusion_matrix_writes_every_count(classes):
     cm = np.random.default_rng(classes).integers(0, 500, (classes, classes))

@@ -94,6 +94,7 @@ class FitResult:
     fit_seconds: float  # wall time of model.fit, for the benchmarks
     resume_stage: str | None = None  # whose .resume/ backup to delete once the outputs are written
     kept_epoch: int | None = None  # the epoch whose weights the model ends with (0: the start)
+    start_validation: dict | None = None  # validation scores of the starting weights, when measured
 
     @property
     def seconds_per_epoch(self) -> float:
@@ -150,7 +151,9 @@ def fit(
     fit_seconds = time.perf_counter() - started
     frame = pd.DataFrame(restored_rows + logger.rows)
     kept = len(frame) if early_stopping is None else early_stopping.best_epoch + 1
-    return FitResult(frame, fit_seconds, stage, kept_epoch=kept)
+    # After a resume, on_train_begin scored the restored weights, not the starting ones.
+    start = early_stopping.start if early_stopping is not None and initial_epoch == 0 else None
+    return FitResult(frame, fit_seconds, stage, kept_epoch=kept, start_validation=start)
 
 
 def early_stopping_from_start(validation: tuple[np.ndarray, np.ndarray], batch_size: int, patience: int):
@@ -163,7 +166,8 @@ def early_stopping_from_start(validation: tuple[np.ndarray, np.ndarray], batch_s
     class EarlyStoppingFromStart(keras.callbacks.EarlyStopping):
         def on_train_begin(self, logs=None):
             super().on_train_begin(logs)
-            self.best = self.model.evaluate(*validation, batch_size=batch_size, verbose=0, return_dict=True)["loss"]
+            self.start = self.model.evaluate(*validation, batch_size=batch_size, verbose=0, return_dict=True)
+            self.best = self.start["loss"]
             self.best_weights = self.model.get_weights()
             self.best_epoch = -1
 
@@ -298,7 +302,7 @@ def publish_training(
     with atomic_path(plots_path, directory=True) as plots:
         result.history.to_csv(plots / "history.csv", index=False)
         (plots / "summary.txt").write_text(summary + "\n", encoding="utf-8")
-        all_figures = {"curves.png": training_curves_figure(result.history), **figures}
+        all_figures = {"curves.png": training_curves_figure(result.history, start=result.start_validation), **figures}
         for name, figure in all_figures.items():
             figure.savefig(plots / name, dpi=100)
     save_model(saved_model, model_path)

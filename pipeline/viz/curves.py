@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -12,13 +12,17 @@ from matplotlib.ticker import MaxNLocator
 from pipeline.viz.common import new_figure
 
 
-def training_curves_figure(history: pd.DataFrame, metrics: Sequence[str] = ("loss", "accuracy")) -> Figure:
+def training_curves_figure(
+    history: pd.DataFrame, metrics: Sequence[str] = ("loss", "accuracy"), start: Mapping[str, float] | None = None,
+) -> Figure:
     """One panel per metric, training ("loss") and validation ("val_loss") against the epoch.
 
     In: a Keras-style history table (e.g. from CSVLogger or `pd.DataFrame(fit.history)`);
     the x axis is its "epoch" column if it has one, else its row number. Metrics absent from
     the table are skipped. The best validation epoch (lowest loss, highest anything else)
-    is marked, because that is the epoch to compare against the training curve.
+    is marked, because that is the epoch to compare against the training curve. `start`
+    ({metric: value}) is the validation score of the weights training began from (a
+    fine-tuning's trained head): drawn as epoch 0, and a candidate for the best.
     """
     shown = [name for name in metrics if name in history.columns or f"val_{name}" in history.columns]
     if not shown:
@@ -30,10 +34,12 @@ def training_curves_figure(history: pd.DataFrame, metrics: Sequence[str] = ("los
             ax.plot(epochs, history[name], marker=".", label="training")
         validation = f"val_{name}"
         if validation in history.columns:
-            values = history[validation].to_numpy(dtype=float)
-            ax.plot(epochs, values, marker=".", label="validation")
+            values, x = history[validation].to_numpy(dtype=float), epochs
+            if start is not None and name in start:
+                values, x = np.concatenate([[start[name]], values]), np.concatenate([[0], epochs])
+            ax.plot(x, values, marker=".", label="validation")
             best = int(np.nanargmin(values) if "loss" in name else np.nanargmax(values))
-            ax.plot(epochs[best], values[best], "o", markersize=10, fillstyle="none", color="black",
+            ax.plot(x[best], values[best], "o", markersize=10, fillstyle="none", color="black",
                     label=f"best validation ({values[best]:.3g})")
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
