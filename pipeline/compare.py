@@ -214,8 +214,10 @@ def render(table: pd.DataFrame, fmt: Format) -> str:
     if fmt == "csv":
         return table.to_csv(index=False)
     if fmt == "json":
-        records = json.loads(table.to_json(orient="records"))
-        return json.dumps(records, indent=2) + "\n"
+        # Not DataFrame.to_json: it rounds floats to 10 digits, and a metric read back must
+        # equal the one MLflow holds.
+        records = table.astype(object).where(table.notna(), None).to_dict(orient="records")
+        return json.dumps(records, indent=2, default=str) + "\n"
     shown = table.assign(run_id=table["run_id"].str[:SHORT_ID]) if "run_id" in table else table
     shown = shown.astype(object).where(shown.notna(), "")
     if fmt == "markdown":

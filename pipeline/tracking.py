@@ -1,5 +1,8 @@
 """MLflow tracking: one run per stage, traceable to its DVC state, never left RUNNING.
 
+Free of TensorFlow, so that stages that train nothing start in a second, not ten; the
+Keras callback is in pipeline/epoch_logger.py.
+
 The store is `MLFLOW_TRACKING_URI` when set, else an embedded `sqlite:///mlflow.db` at the
 project root (artifacts in `mlartifacts/` beside it), so `mlflow ui` works with no server.
 """
@@ -19,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.keras import MlflowCallback
 
 from pipeline.errors import Killed, UserError, signals_deferred
 from pipeline.files import sha256_tree
@@ -228,37 +230,3 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-class EpochLogger(MlflowCallback):
-    """MLflow's Keras callback, plus each epoch's wall time, logged with step=epoch.
-
-    MLflow's own on_test_end logs validation metrics without a step after every evaluation,
-    which duplicates the `val_*` metrics of each epoch; we keep only the per-epoch ones.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.epoch_seconds: list[float] = []
-        self.rows: list[dict] = []  # one per epoch: {"epoch": 1-based, Keras' logs..., "epoch_seconds"}
-        self._started = 0.0
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self._started = time.perf_counter()
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        seconds = time.perf_counter() - self._started
-        self.epoch_seconds.append(seconds)
-        if logs is not None:
-            logs = {**logs, "epoch_seconds": seconds}
-            self.rows.append({"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}})
-        super().on_epoch_end(epoch, logs)
-
-    def log_restored(self, rows: list[dict]) -> None:
-        """Log the epochs a resumed training restored, so this run has every epoch's metrics."""
-        for row in rows:
-            metrics = {key: value for key, value in row.items() if key != "epoch"}
-            mlflow.log_metrics(metrics, step=row["epoch"] - 1)
-
-    def on_test_end(self, logs: dict | None = None) -> None:
-        pass

@@ -12,7 +12,7 @@ from pipeline.compare import RunFilter, compare, parse_tags
 from pipeline.errors import UserError
 
 DROPOUTS = (0.1, 0.3, 0.5)
-ACCURACIES = (0.91, 0.97, 0.94)
+ACCURACIES = (0.91, 0.9700000286102295, 0.94)  # a float32 accuracy: 17 digits to round-trip
 
 
 def log_run(stage: str, params: dict, metrics: dict, tags: dict | None = None) -> str:
@@ -51,7 +51,7 @@ def tracking(store, monkeypatch):
 
 
 def as_frame(text: str) -> pd.DataFrame:
-    return pd.read_csv(io.StringIO(text))
+    return pd.read_csv(io.StringIO(text), float_precision="round_trip")
 
 
 def test_three_runs_that_differ_in_dropout_give_three_rows_with_dropout_and_accuracy(tracking):
@@ -102,6 +102,7 @@ def test_formats(tracking):
     assert len(markdown.splitlines()) == 2 + 3
     records = json.loads(compare("tiny", run_filter, fmt="json"))
     assert len(records) == 3 and len(records[0]["run_id"]) == 32  # machine formats keep whole ids
+    assert sorted(record["test_accuracy"] for record in records) == sorted(ACCURACIES), "every digit"
     table = compare("tiny", run_filter, fmt="table")
     assert "baseline.dropout" in table.splitlines()[0] and len(table.splitlines()) == 4
 
@@ -150,7 +151,7 @@ def test_cli_options(tracking, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     table = as_frame(result.output)
     assert table["baseline.dropout"].tolist() == [0.3, 0.5]
-    assert table["test_accuracy"].tolist() == [0.97, 0.94]
+    assert table["test_accuracy"].tolist() == [ACCURACIES[1], 0.94]
     help_text = CliRunner().invoke(app, ["compare", "--help"]).output
     for option in ("--experiment", "--stage", "--tag", "--dvc-exp", "--metric", "--param", "--sort", "--format"):
         assert option in help_text

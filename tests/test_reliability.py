@@ -47,17 +47,28 @@ def embedded_store(workdir, monkeypatch):
     return workdir
 
 
+@pytest.fixture(autouse=True)
+def python_ctrl_c():
+    """Python's own Ctrl-C handler, as a user's foreground process has it: a shell that starts
+    the tests in the background (`nohup ... &`) makes them ignore SIGINT, and Python then
+    never installs it."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def client_for(root: Path):
     import mlflow
 
     return mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
 
 
-def runs_in(root: Path, experiment: str) -> list:
-    """The runs of `experiment` in root/mlflow.db, oldest first."""
+def runs_in(root: Path, experiment: str, stage: str | None = None) -> list:
+    """The runs of `experiment` (of one `stage`, if given) in root/mlflow.db, oldest first."""
     client = client_for(root)
     found = client.get_experiment_by_name(experiment)
-    return client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"]) if found else []
+    runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"]) if found else []
+    return [run for run in runs if stage is None or run.data.tags.get("pipeline.stage") == stage]
 
 
 @pytest.mark.parametrize(
@@ -220,7 +231,7 @@ def test_ctrl_c_in_training_ends_the_run_killed_exits_130_and_keeps_the_previous
 ):
     """A real SIGINT (Ctrl-C, `dvc queue kill`) to `pipeline train-baseline`, in this process
     for speed, once the first epoch is logged; the SIGTERM test below kills a subprocess."""
-    from pipeline.tracking import EpochLogger
+    from pipeline.epoch_logger import EpochLogger
 
     write_tiny_mnist_project(embedded_store, epochs=5)
     previous = {"models/baseline.keras": b"earlier model", "metrics/baseline.json": b'{"earlier": 1}\n',
@@ -414,7 +425,8 @@ def _tiny_training(epochs: int, dropout: float, interrupt_at: int | None, monkey
     from pipeline.models.baseline import build_baseline, make_optimizer
     from pipeline.params import BaselineParams
     from pipeline.stages.common import fit, seed_everything
-    from pipeline.tracking import EpochLogger, stage_run
+    from pipeline.epoch_logger import EpochLogger
+    from pipeline.tracking import stage_run
 
     shipped = YAML(typ="safe", pure=True).load((REPO / "params.yaml").read_text())["baseline"]
     p = BaselineParams(**{**shipped, "conv_filters": [4], "dense_units": 8, "dropout": dropout,
@@ -641,7 +653,7 @@ def test_sigterm_in_training_ends_the_run_killed_exits_143_and_writes_nothing(pr
     out, err = process.communicate(timeout=120)
     assert process.returncode == 143, err[-2000:]
     assert err.strip().splitlines()[-1] == "terminated" and "Traceback" not in err
-    (run,) = runs_in(root, "tiny")
+    (run,) = runs_in(root, "tiny", stage="train_baseline")
     assert run.info.status == "KILLED"
     assert client_for(root).get_metric_history(run.info.run_id, "val_loss"), "epochs were logged"
     for folder in ("models", "metrics", "plots"):
@@ -698,9 +710,10 @@ def test_a_second_forced_repro_logs_to_a_tracking_server_with_bit_identical_numb
 
     client = mlflow.MlflowClient(tracking_uri=project.server)
     experiment = client.get_experiment_by_name("tiny")
-    (run,) = client.search_runs([experiment.experiment_id])
+    runs = client.search_runs([experiment.experiment_id])
+    (run,) = [r for r in runs if r.data.tags["pipeline.stage"] == "train_baseline"]
     assert run.info.status == "FINISHED"
-    assert run.data.tags["pipeline.stage"] == "train_baseline"
+    assert {r.info.status for r in runs} == {"FINISHED"}, "the upstream stages' runs too"
     assert run.data.metrics["test_accuracy"] == numbers["metrics"]["test_accuracy"]
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == EPOCHS
     assert {"plots", "model_summary_saved.txt"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -719,7 +732,7 @@ def test_three_queued_experiments_two_at_a_time_share_the_sqlite_store(project):
         sh(["dvc", "exp", "run", "train_baseline", "--queue", "-n", name, "-S", "baseline.epochs=1",
             "-S", f"baseline.dropout={dropout}"], root)
     def experiment_runs() -> list:
-        return [r for r in runs_in(root, "tiny") if r.data.tags.get("dvc.exp_name") in names]
+        return [r for r in runs_in(root, "tiny", stage="train_baseline") if r.data.tags.get("dvc.exp_name") in names]
 
     def ended() -> bool:  # a cheap look at the store first; `dvc queue status` costs a start-up
         if sum(r.info.status != "RUNNING" for r in experiment_runs()) < len(names):

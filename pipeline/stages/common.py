@@ -121,7 +121,7 @@ def fit(
     import keras
     import pandas as pd
 
-    from pipeline.tracking import EpochLogger
+    from pipeline.epoch_logger import EpochLogger
 
     logger = EpochLogger()
     callbacks: list[keras.callbacks.Callback] = [logger]

@@ -1,0 +1,45 @@
+"""The Keras callback of the training stages: per-epoch metrics and wall time to MLflow.
+
+Apart from pipeline/tracking.py because `mlflow.keras` imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import time
+
+import mlflow
+from mlflow.keras import MlflowCallback
+
+
+class EpochLogger(MlflowCallback):
+    """MLflow's Keras callback, plus each epoch's wall time, logged with step=epoch.
+
+    MLflow's own on_test_end logs validation metrics without a step after every evaluation,
+    which duplicates the `val_*` metrics of each epoch; we keep only the per-epoch ones.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epoch_seconds: list[float] = []
+        self.rows: list[dict] = []  # one per epoch: {"epoch": 1-based, Keras' logs..., "epoch_seconds"}
+        self._started = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        seconds = time.perf_counter() - self._started
+        self.epoch_seconds.append(seconds)
+        if logs is not None:
+            logs = {**logs, "epoch_seconds": seconds}
+            self.rows.append({"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}})
+        super().on_epoch_end(epoch, logs)
+
+    def log_restored(self, rows: list[dict]) -> None:
+        """Log the epochs a resumed training restored, so this run has every epoch's metrics."""
+        for row in rows:
+            metrics = {key: value for key, value in row.items() if key != "epoch"}
+            mlflow.log_metrics(metrics, step=row["epoch"] - 1)
+
+    def on_test_end(self, logs: dict | None = None) -> None:
+        pass
