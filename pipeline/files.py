@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.errors import signals_deferred
+from pipeline.errors import UserError, signals_deferred
 
 TEMP_PREFIX = ".tmp-"
 
@@ -89,6 +89,14 @@ def sha256_file(path: Path) -> str:
     """Hex sha256 of one file's bytes."""
     with path.open("rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def check_sha256(path: Path, expected: str, name: str, key: str, hint: str = "") -> None:
+    """UserError naming `name` (what the user gave) and the params `key` when the file's
+    sha256 is not `expected`; `hint` says what to do."""
+    digest = sha256_file(path)
+    if digest != expected.lower():
+        raise UserError(f"{name}: sha256 is {digest[:12]}..., {key} expects {expected[:12]}...{hint}")
 
 
 def sha256_tree(paths: list[Path]) -> str:

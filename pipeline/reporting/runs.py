@@ -45,7 +45,7 @@ def timings_table(runs: pd.DataFrame, stages: Sequence[str], run_ids: Mapping[st
         return pd.DataFrame(columns=["stage", "run", "status", "started", "seconds", "process seconds"])
     frame = pd.DataFrame(rows)
     identity = identity_columns(frame)
-    process = frame["metrics.process_seconds"] if "metrics.process_seconds" in frame else pd.Series([None] * len(frame))
+    process = frame.get("metrics.process_seconds", pd.Series(float("nan"), index=frame.index))
     return pd.DataFrame({
         "stage": identity["stage"].to_numpy(),
         "run": identity["run_id"].str[:SHORT_ID].to_numpy(),

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from pipeline.data.download import DownloadError, fetch
 from pipeline.data.images import UndecodableImage, decode_image, extract_archive, find_class_folders
 from pipeline.errors import UserError
-from pipeline.files import atomic_path, sha256_file, write_json
+from pipeline.files import atomic_path, check_sha256, write_json
 from pipeline.params import ImagesParams, load_params
 
 OUT = Path("data/raw/images")
@@ -42,12 +42,8 @@ def fetch_archive(p: ImagesParams, scratch: Path) -> Path:
     except DownloadError as exc:
         raise UserError(f"images.url: {exc}; check the URL or use a local copy") from None
     if p.sha256:
-        digest = sha256_file(archive)
-        if digest != p.sha256.lower():
-            raise UserError(
-                f"{archive.name}: sha256 is {digest[:12]}..., images.sha256 expects "
-                f"{p.sha256[:12]}...; the download is damaged or not the expected archive"
-            )
+        check_sha256(archive, p.sha256, archive.name, "images.sha256",
+                     "; the download is damaged or not the expected archive")
     return archive
 
 

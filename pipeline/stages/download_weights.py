@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline.data.download import DownloadError, fetch
 from pipeline.errors import UserError
-from pipeline.files import atomic_path, sha256_file
+from pipeline.files import atomic_path, check_sha256
 from pipeline.params import Vgg16Params, load_params
 
 OUT = Path("data/raw/weights/vgg16_notop.h5")
@@ -30,12 +30,7 @@ def check_digest(path: Path, p: Vgg16Params) -> None:
         if digest != IMAGENET_MD5:
             raise UserError(f"{IMAGENET_URL}: md5 is {digest}, Keras publishes {IMAGENET_MD5}")
     elif p.weights_sha256:
-        digest = sha256_file(path)
-        if digest != p.weights_sha256.lower():
-            raise UserError(
-                f"{p.weights}: sha256 is {digest[:12]}..., vgg16.weights_sha256 expects "
-                f"{p.weights_sha256[:12]}..."
-            )
+        check_sha256(path, p.weights_sha256, p.weights, "vgg16.weights_sha256")
 
 
 def download_weights(p: Vgg16Params, out: Path = OUT) -> None:
