@@ -34,22 +34,12 @@ class MlflowParams(Section):
     experiment: Annotated[str, Field(min_length=1)]
 
 
-def _no_multi_worker(value: str) -> str:
-    if value == "multi_worker":
-        raise ValueError(
-            "multi_worker is not available: Keras 3's model.fit fails under "
-            "MultiWorkerMirroredStrategy (keras-team/keras#20585); use none or mirrored, and spread "
-            "experiments over machines with DVC's queue (README: Scaling out)"
-        )
-    return value
-
-
 class TrainParams(Section):
     """How the training stages run (not what they learn): devices, input pipeline, threads."""
 
-    # none: the default device; mirrored: one replica per visible GPU (else the CPU).
-    # multi_worker (MultiWorkerMirroredStrategy) is named so that asking for it says why not.
-    distribute: Annotated[Literal["none", "mirrored", "multi_worker"], AfterValidator(_no_multi_worker)]
+    # none: the default device; mirrored: one replica per visible GPU (else the CPU);
+    # multi_worker: several machines, from TF_CONFIG (pipeline/multi_worker.py).
+    distribute: Literal["none", "mirrored", "multi_worker"]
     tf_data: bool  # feed fit a tf.data pipeline (shuffle, batch, prefetch) instead of arrays
     intra_op_threads: Annotated[int, Field(ge=0)]  # 0 = TensorFlow's default
     inter_op_threads: Annotated[int, Field(ge=0)]  # 0 = TensorFlow's default

@@ -22,6 +22,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from ruamel.yaml import YAML
 
@@ -316,19 +317,9 @@ MULTI_WORKER_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_multi_worker_is_refused_in_one_line_because_keras_3_fit_fails_under_it(tmp_path):
-    """keras-team/keras#20585: two workers on loopback, plain Keras, still fail; when this
-    starts passing, the refusal in params.py can go."""
-    from pipeline.errors import UserError
-    from pipeline.params import load_params
-
-    params = YAML(typ="safe", pure=True).load((REPO / "params.yaml").read_text())
-    params["train"]["distribute"] = "multi_worker"
-    write_yaml(tmp_path / "params.yaml", params)
-    with pytest.raises(UserError, match=r"params.yaml: train.distribute: multi_worker is not available: "
-                                        r"Keras 3's model.fit fails .*keras-team/keras#20585"):
-        load_params(tmp_path / "params.yaml")
-
+def test_plain_keras_still_fails_under_multi_worker_so_our_fix_stays(tmp_path):
+    """keras-team/keras#20585: two workers on loopback, plain Keras, no fix: fit fails. When
+    this starts failing, Keras trains multi-worker by itself and multi_worker.fix_keras can go."""
     cluster = {"worker": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]}
     workers = [subprocess.Popen(
         [sys.executable, "-c", MULTI_WORKER_SCRIPT], cwd=tmp_path, text=True,
@@ -338,3 +329,103 @@ def test_multi_worker_is_refused_in_one_line_because_keras_3_fit_fails_under_it(
     outcomes = [worker.communicate(timeout=300) for worker in workers]
     assert [worker.returncode for worker in workers] == [1, 1], "Keras 3 trains multi-worker now?"
     assert all("PerReplica" in err for _, err in outcomes)
+
+
+def mnist_project(root: Path, distribute: str, batch_size: int) -> Path:
+    """A folder with params.yaml and data/prepared/mnist.npz (64 random digits), for
+    `pipeline train-baseline`: three epochs, no dropout (whose masks differ per replica)."""
+    params = YAML(typ="safe", pure=True).load((REPO / "params.yaml").read_text())
+    params["mlflow"]["experiment"] = "workers"
+    params["baseline"].update(conv_filters=[4, 8], dense_units=16, epochs=3, batch_size=batch_size, dropout=0.0,
+                              early_stopping_patience=0)
+    params["train"] = {"distribute": distribute, "tf_data": True, "intra_op_threads": 1, "inter_op_threads": 1}
+    (root / "data" / "prepared").mkdir(parents=True)
+    write_yaml(root / "params.yaml", params)
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, count in (("train", 64), ("validation", 16), ("test", 16)):
+        arrays[f"x_{split}"] = rng.uniform(0, 1, (count, 28, 28, 1)).astype(np.float32)
+        arrays[f"y_{split}"] = np.eye(10, dtype=np.float32)[np.arange(count) % 10]
+    np.savez(root / "data" / "prepared" / "mnist.npz", **arrays)
+    return root
+
+
+def test_two_workers_train_what_one_process_trains_with_the_same_global_batch(tmp_path):
+    """`pipeline train-baseline` on two workers (TF_CONFIG, loopback), 4 digits each per step,
+    gives the losses of one process with batches of 8; only the chief keeps anything."""
+    import mlflow
+    import pandas as pd
+
+    one = mnist_project(tmp_path / "one", "none", batch_size=8)
+    shared = mnist_project(tmp_path / "shared", "multi_worker", batch_size=4)
+    scratch = tmp_path / "scratch"  # the workers' TMPDIR: where the helper's throw-away folder goes
+    scratch.mkdir()
+    cluster = {"worker": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]}
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TMPDIR": str(scratch)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    workers = [subprocess.Popen(
+        ["pipeline", "train-baseline"], cwd=shared, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**env, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})},
+    ) for i in range(2)]
+    run(["pipeline", "train-baseline"], one)
+    outcomes = [worker.communicate(timeout=300) for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outcomes
+    assert "worker 1 of 2 (TF_CONFIG) trains in step with the chief" in outcomes[1][0]
+
+    columns = ["loss", "accuracy", "val_loss", "val_accuracy"]
+    alone = pd.read_csv(one / "plots/baseline/history.csv")[columns]
+    together = pd.read_csv(shared / "plots/baseline/history.csv")[columns]
+    assert len(together) == 3
+    pd.testing.assert_frame_equal(together, alone, rtol=1e-5)
+    metrics = {name: json.loads((root / "metrics/baseline.json").read_text()) for name, root in
+               (("one", one), ("shared", shared))}
+    assert metrics["shared"]["test_loss"] == pytest.approx(metrics["one"]["test_loss"], rel=1e-5)
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{shared / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("workers").experiment_id])
+    assert len(runs) == 1, "the chief's run only"
+    assert runs[0].info.run_id == metrics["shared"]["mlflow_run_id"]
+    assert runs[0].data.params["train.replicas"] == "2"
+    assert runs[0].data.params["train.global_batch_size"] == "8"
+    assert list(scratch.iterdir()) == [], "the helper's folder is gone"
+    assert not (shared / ".resume").exists()
+
+
+@pytest.mark.parametrize("tf_config, message", [
+    (None, "TF_CONFIG: not set; train.distribute: multi_worker needs it on every machine"),
+    ("{cluster", "TF_CONFIG: not a cluster and task of this machine (JSONDecodeError"),
+    ('{"cluster": {"worker": ["a:1"]}}', "TF_CONFIG: not a cluster and task of this machine (KeyError: 'task')"),
+    ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 1}}',
+     "TF_CONFIG: task worker 1 is not in the cluster's chief or worker list"),
+    ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "ps", "index": 0}}',
+     "TF_CONFIG: task ps 0 is not in the cluster's chief or worker list"),
+])
+def test_a_bad_tf_config_is_one_line_before_tensorflow_starts(tmp_path, monkeypatch, tf_config, message):
+    from pipeline.errors import UserError
+    from pipeline.params import load_params
+    from pipeline.stages.common import start_training
+
+    root = mnist_project(tmp_path, "multi_worker", batch_size=4)
+    monkeypatch.chdir(root)
+    if tf_config is None:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("TF_CONFIG", tf_config)
+    with pytest.raises(UserError) as caught:
+        start_training(load_params(root / "params.yaml"), (Path("data/prepared/mnist.npz"), "prepare_mnist"))
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+    assert str(caught.value).endswith("(see README: More devices)")
+
+
+def test_the_chief_is_the_chief_task_else_worker_0():
+    from pipeline.multi_worker import Role, cluster_role
+
+    def role(cluster, kind, index):
+        return cluster_role({"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": kind, "index": index}})})
+
+    workers = {"worker": ["a:1", "b:1", "c:1"]}
+    assert role(workers, "worker", 0) == Role(chief=True, task="worker 0", workers=3)
+    assert role(workers, "worker", 2) == Role(chief=False, task="worker 2", workers=3)
+    with_chief = {"chief": ["c:1"], "worker": ["a:1", "b:1"]}
+    assert role(with_chief, "chief", 0) == Role(chief=True, task="chief 0", workers=3)
+    assert role(with_chief, "worker", 0) == Role(chief=False, task="worker 0", workers=3)

@@ -54,8 +54,8 @@ def distribution_scope(train: TrainParams) -> Distribution:
     """The tf.distribute strategy that `train.distribute` names, as (scope, replicas).
 
     mirrored: one replica per visible GPU, or per logical CPU when there is no GPU (one on
-    a plain machine). (params.py refuses multi_worker.) Create it after `set_threads` and
-    before any other TF op.
+    a plain machine); multi_worker: the replicas of every machine in TF_CONFIG's cluster
+    (pipeline/multi_worker.py). Create it after `set_threads` and before any other TF op.
     """
     import tensorflow as tf
 
@@ -64,6 +64,10 @@ def distribution_scope(train: TrainParams) -> Distribution:
     elif train.distribute == "mirrored":
         devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
         strategy = tf.distribute.MirroredStrategy([device.name for device in devices])
+    elif train.distribute == "multi_worker":
+        from pipeline import multi_worker
+
+        strategy = multi_worker.strategy()
     else:
         raise AssertionError(f"train.distribute {train.distribute!r} passed validation")
     return Distribution(strategy.scope(), strategy.num_replicas_in_sync)
@@ -74,11 +78,20 @@ def start_training(params: Params, *inputs: tuple[Path, str]) -> Distribution:
 
     Each (path, upstream stage) in `inputs` must exist; then the thread settings, the
     distribution strategy, and the seeds. Returns the strategy's (scope, replicas).
+    A multi-worker helper (not the chief) goes on in a scratch folder: it runs the whole
+    stage in step with the chief and keeps nothing.
     """
     for path, stage in inputs:
         require(path, stage=stage)
+    role = None
+    if params.train.distribute == "multi_worker":
+        from pipeline import multi_worker
+
+        role = multi_worker.cluster_role()  # a bad TF_CONFIG is reported before TensorFlow loads
     set_threads(params.train)
     distribution = distribution_scope(params.train)
+    if role is not None and not role.chief:
+        multi_worker.work_in_scratch(role, [path for path, _ in inputs])
     seed_everything(params.seed)
     return distribution
 
@@ -119,6 +132,7 @@ def fit(
     history (and the MLflow run's metrics) still has every epoch.
     """
     import keras
+    import mlflow
     import pandas as pd
 
     from pipeline.epoch_logger import EpochLogger
@@ -138,6 +152,9 @@ def fit(
             _note_resumed(stage, restored.epochs, epochs, backup.folder)
             logger.log_restored(restored_rows)
         callbacks.append(backup)  # after EarlyStopping: it saves the state that one has updated
+    if mlflow.active_run() is not None:  # what the params' per-replica batch sizes came to
+        mlflow.log_params({"train.replicas": model.distribute_strategy.num_replicas_in_sync,
+                           "train.global_batch_size": batch_size})
     has_validation = validation is not None and len(validation[0]) > 0
     started = time.perf_counter()
     model.fit(
@@ -217,11 +234,15 @@ def _epoch_backup(model, rows: list[dict], early_stopping):
 
     from pipeline.resume import RESUME_ROOT, EpochBackup, backup_key
 
+    import tensorflow as tf
+
     run = mlflow.active_run()
     tags = run.data.tags if run is not None else {}
     stage = tags.get("pipeline.stage")
     if not stage or model.optimizer is None:
         return None, None
+    if isinstance(model.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return None, None  # each machine would restore its own backup (or none): out of step
     key = backup_key(tags.get("params.sha256", ""), tags.get("data.sha256", ""), model)
     return EpochBackup(RESUME_ROOT / stage / key, rows, early_stopping), stage
 
