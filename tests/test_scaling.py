@@ -367,9 +367,18 @@ def test_two_workers_train_what_one_process_trains_with_the_same_global_batch(tm
         ["pipeline", "train-baseline"], cwd=shared, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env={**env, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})},
     ) for i in range(2)]
-    run(["pipeline", "train-baseline"], one)
-    outcomes = [worker.communicate(timeout=300) for worker in workers]
+    alone_process = subprocess.Popen(["pipeline", "train-baseline"], cwd=one, env=env, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    backed_up, deadline = False, time.monotonic() + 300
+    while any(process.poll() is None for process in workers) and time.monotonic() < deadline:
+        # Epoch backups are off under multi_worker: .resume/ would otherwise stand for seconds,
+        # from the first epoch's end until the outputs are written.
+        backed_up = backed_up or (shared / ".resume").exists()
+        time.sleep(0.05)
+    outcomes = [worker.communicate(timeout=10) for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0], outcomes
+    assert not backed_up
+    assert alone_process.wait(timeout=300) == 0, alone_process.stdout.read()
     assert "worker 1 of 2 (TF_CONFIG) trains in step with the chief" in outcomes[1][0]
 
     columns = ["loss", "accuracy", "val_loss", "val_accuracy"]
@@ -388,7 +397,6 @@ def test_two_workers_train_what_one_process_trains_with_the_same_global_batch(tm
     assert runs[0].data.params["train.replicas"] == "2"
     assert runs[0].data.params["train.global_batch_size"] == "8"
     assert list(scratch.iterdir()) == [], "the helper's folder is gone"
-    assert not (shared / ".resume").exists()
 
 
 @pytest.mark.parametrize("tf_config, message", [

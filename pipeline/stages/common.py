@@ -231,10 +231,9 @@ def fit_inputs(
 def _epoch_backup(model, rows: list[dict], early_stopping):
     """(EpochBackup, stage) for the active stage_run's MLflow run, or (None, None) outside one."""
     import mlflow
+    import tensorflow as tf
 
     from pipeline.resume import RESUME_ROOT, EpochBackup, backup_key
-
-    import tensorflow as tf
 
     run = mlflow.active_run()
     tags = run.data.tags if run is not None else {}
