@@ -20,7 +20,6 @@ class EpochLogger(MlflowCallback):
 
     def __init__(self) -> None:
         super().__init__()
-        self.epoch_seconds: list[float] = []
         self.rows: list[dict] = []  # one per epoch: {"epoch": 1-based, Keras' logs..., "epoch_seconds"}
         self._started = 0.0
 
@@ -29,7 +28,6 @@ class EpochLogger(MlflowCallback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         seconds = time.perf_counter() - self._started
-        self.epoch_seconds.append(seconds)
         if logs is not None:
             logs = {**logs, "epoch_seconds": seconds}
             self.rows.append({"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}})
@@ -42,4 +40,4 @@ class EpochLogger(MlflowCallback):
             mlflow.log_metrics(metrics, step=row["epoch"] - 1)
 
     def on_test_end(self, logs: dict | None = None) -> None:
-        pass
+        """Nothing: the `val_*` metrics are logged per epoch by on_epoch_end (see the class)."""

@@ -22,11 +22,11 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 from ruamel.yaml import YAML
 
 from conftest import REPO, write_mnist_mirror
+from tiny_project import write_data
 
 BIN = Path(sys.executable).parent
 MNIST_STAGES = ("download_mnist", "prepare_mnist", "train_baseline")
@@ -332,21 +332,15 @@ def test_plain_keras_still_fails_under_multi_worker_so_our_fix_stays(tmp_path):
 
 
 def mnist_project(root: Path, distribute: str, batch_size: int) -> Path:
-    """A folder with params.yaml and data/prepared/mnist.npz (64 random digits), for
+    """A folder with params.yaml and tiny_project's data (20 training digits), for
     `pipeline train-baseline`: three epochs, no dropout (whose masks differ per replica)."""
     params = YAML(typ="safe", pure=True).load((REPO / "params.yaml").read_text())
     params["mlflow"]["experiment"] = "workers"
     params["baseline"].update(conv_filters=[4, 8], dense_units=16, epochs=3, batch_size=batch_size, dropout=0.0,
                               early_stopping_patience=0)
     params["train"] = {"distribute": distribute, "tf_data": True, "intra_op_threads": 1, "inter_op_threads": 1}
-    (root / "data" / "prepared").mkdir(parents=True)
+    write_data(root)
     write_yaml(root / "params.yaml", params)
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split, count in (("train", 64), ("validation", 16), ("test", 16)):
-        arrays[f"x_{split}"] = rng.uniform(0, 1, (count, 28, 28, 1)).astype(np.float32)
-        arrays[f"y_{split}"] = np.eye(10, dtype=np.float32)[np.arange(count) % 10]
-    np.savez(root / "data" / "prepared" / "mnist.npz", **arrays)
     return root
 
 
