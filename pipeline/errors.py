@@ -6,6 +6,7 @@ import contextlib
 import signal
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -13,6 +14,13 @@ class UserError(Exception):
 
     The message names the file or key at fault and says what to do about it.
     """
+
+
+def require(*paths: Path, stage: str) -> None:
+    """Stop with one line when an upstream output is missing."""
+    for path in paths:
+        if not path.exists():
+            raise UserError(f"{path}: missing; run `dvc repro {stage}` first")
 
 
 class Killed(BaseException):

@@ -11,16 +11,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.errors import require
 from pipeline.files import atomic_path
 from pipeline.params import Params, TrainParams
-
-
-def require(*paths: Path, stage: str) -> None:
-    """Stop with one line when an upstream output is missing."""
-    for path in paths:
-        if not path.exists():
-            raise UserError(f"{path}: missing; run `dvc repro {stage}` first")
 
 
 def seed_everything(seed: int) -> None:

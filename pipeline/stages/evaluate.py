@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, require
 from pipeline.params import EvaluateParams, load_params
-from pipeline.stages.common import require
 
 STAGE = "evaluate"
 MNIST = Path("data/prepared/mnist.npz")

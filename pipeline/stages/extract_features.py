@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.errors import require
 from pipeline.files import atomic_path
 from pipeline.params import load_params
-from pipeline.stages.common import require
 
 IMAGES = Path("data/prepared/images.npz")
 WEIGHTS = Path("data/raw/weights/vgg16_notop.h5")

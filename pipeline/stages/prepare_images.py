@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.images import decode_folder, find_class_folders, stratified_split
+from pipeline.errors import require
 from pipeline.files import atomic_path
 from pipeline.params import load_params
-from pipeline.stages.common import require
 
 RAW = Path("data/raw/images")
 OUT = Path("data/prepared/images.npz")

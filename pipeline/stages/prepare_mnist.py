@@ -12,10 +12,9 @@ import numpy as np
 
 from pipeline.data.idx import parse_idx
 from pipeline.data.mnist import check_pair, normalize, one_hot, stratified_split
-from pipeline.errors import UserError
+from pipeline.errors import UserError, require
 from pipeline.files import atomic_path
 from pipeline.params import load_params
-from pipeline.stages.common import require
 
 RAW = Path("data/raw/mnist")
 OUT = Path("data/prepared/mnist.npz")

@@ -18,11 +18,10 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, require
 from pipeline.params import Params, load_params
 from pipeline.reporting.content import Figures, ModelResult, ReportInputs
 from pipeline.reporting.render import Picture, Report
-from pipeline.stages.common import require
 
 STAGE = "report"
 REPORTS = Path("reports")
