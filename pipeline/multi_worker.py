@@ -8,10 +8,10 @@ workers train in step with it and keep nothing.
 
 Keras 3's `model.fit` fails under `tf.distribute.MultiWorkerMirroredStrategy` as released
 (keras-team/keras#20585, open since Keras 3.0): two reductions in its TensorFlow trainer
-treat a multi-worker strategy wrongly. `fix_keras` corrects exactly those two, only for
-that strategy; tests/test_scaling.py checks that plain Keras still fails without them (so
-we learn when they can go) and that two workers with them train the numbers one process
-does with the same global batch.
+treat a multi-worker strategy wrongly. `keras_internals.fix_multi_worker_fit` corrects
+exactly those two, only for that strategy; tests/test_scaling.py checks that plain Keras
+still fails without them (so we learn when they can go) and that two workers with them
+train the numbers one process does with the same global batch.
 """
 
 from __future__ import annotations
@@ -66,57 +66,13 @@ def strategy():
     """
     import tensorflow as tf
 
+    from pipeline.keras_internals import fix_multi_worker_fit
+
     role = cluster_role()  # a missing or malformed TF_CONFIG is one line, not a TensorFlow traceback
-    fix_keras()
+    fix_multi_worker_fit()
     print(f"{role.task} of {role.workers} (TF_CONFIG): waiting until every worker has joined "
           "(to give up: Ctrl-\\ or kill -9)", flush=True)
     return tf.distribute.MultiWorkerMirroredStrategy()
-
-
-def fix_keras() -> None:
-    """Correct the two reductions of Keras' TensorFlow trainer that fail multi-worker.
-
-    1. Before the first epoch, fit builds the model from one batch, which it reduces across
-       replicas with `strategy.reduce(MEAN, batch, axis=None)`; the collective reduction of a
-       multi-worker strategy does not take a nested batch ("Attempt to convert a value
-       (PerReplica...)"). Only the batch's shapes matter here, so we take this worker's
-       first replica's part, as the single-worker path does in effect.
-    2. Each step's logs (scalars: the loss and metric results) are averaged across workers
-       with `axis=0`, which a scalar has not ("Invalid reduction dimension 0"). The average
-       across replicas is `axis=None`, what the single-machine path computes with
-       `reduce_mean(per_replica_values, axis=0)`.
-    Both only change what a multi-worker strategy does.
-    """
-    import tensorflow as tf
-    from keras.src.backend.tensorflow import trainer
-
-    if getattr(trainer, "_pipeline_multi_worker_fixed", False):
-        return
-    is_multi_worker = trainer._collective_all_reduce_multi_worker
-    build, reduce_per_replica = trainer.TensorFlowTrainer._maybe_symbolic_build, trainer.reduce_per_replica
-
-    def local_part(strategy, value):
-        if isinstance(value, tf.distribute.DistributedValues):
-            return strategy.experimental_local_results(value)[0]
-        return value
-
-    def maybe_symbolic_build(self, iterator=None, data_batch=None):
-        strategy = self._distribute_strategy
-        if strategy is None or iterator is None or not is_multi_worker(strategy):
-            return build(self, iterator=iterator, data_batch=data_batch)
-        for _, _, batches in iterator:
-            data_batch = tf.nest.map_structure(lambda value: local_part(strategy, value), next(batches))
-            break
-        return build(self, data_batch=data_batch)
-
-    def reduce_logs(values, strategy, reduction="auto"):
-        if reduction in ("auto", "mean") and is_multi_worker(strategy):
-            return tf.nest.map_structure(lambda value: strategy.reduce("MEAN", value, axis=None), values)
-        return reduce_per_replica(values, strategy, reduction)
-
-    trainer.TensorFlowTrainer._maybe_symbolic_build = maybe_symbolic_build
-    trainer.reduce_per_replica = reduce_logs
-    trainer._pipeline_multi_worker_fixed = True
 
 
 def work_in_scratch(role: Role, inputs: list[Path]) -> Path:

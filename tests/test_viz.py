@@ -11,12 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.models.graph import conv_and_pool_layer_names
 from pipeline.viz import figure_to_png_bytes
 from pipeline.viz.activations import (
     activation_maps,
     activation_maps_figures,
     activation_model,
-    conv_and_pool_layer_names,
     layer_outputs_model,
 )
 from pipeline.viz.classic import (

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
-from pipeline.viz.activations import layer_input, layer_output
+from pipeline.models.graph import apply_layers, layer_chain, logits_of
 
 
 def logit_model(model: keras.Model) -> tuple[keras.Model, bool]:
@@ -25,26 +25,10 @@ def logit_model(model: keras.Model) -> tuple[keras.Model, bool]:
     of a wrong prediction can no longer be computed; Keras' own `evaluate` uses the logits
     then. The returned model shares every weight with `model`.
     """
-    from pipeline.viz.gradcam import DenseLogits, probability_layer
-
-    last = probability_layer(model)
-    if last is None:
+    logits, from_logits = logits_of(model)
+    if not from_logits:
         return model, False
-    logits = DenseLogits(last, name=f"{last.name}_logits")(layer_input(model, last.name))
     return keras.Model(model.inputs, logits, name=f"{model.name}_logits"), True
-
-
-def layer_chain(model: keras.Model) -> list[keras.Layer] | None:
-    """`model`'s layers (input layer excluded) when each feeds exactly the next, else None."""
-    chain = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
-    if not chain or layer_input(model, chain[0].name) is not model.inputs[0]:
-        return None
-    for previous, layer in zip(chain, chain[1:]):
-        if layer_input(model, layer.name) is not layer_output(model, previous.name):
-            return None
-    if layer_output(model, chain[-1].name) is not model.outputs[0]:
-        return None
-    return chain
 
 
 def _same_layer(first: keras.Layer, second: keras.Layer) -> bool:
@@ -81,18 +65,12 @@ def split_models(models: Sequence[keras.Model]) -> tuple[keras.Model, list[keras
     if depth == 0:
         return None
     image = keras.Input(shape=models[0].inputs[0].shape[1:], dtype=models[0].inputs[0].dtype)
-    shared = _apply(chains[0][:depth], image)
+    shared = apply_layers(chains[0][:depth], image)
     tops = []
     for model, chain in zip(models, chains):
         features = keras.Input(shape=shared.shape[1:], dtype=shared.dtype)
-        tops.append(keras.Model(features, _apply(chain[depth:], features), name=f"{model.name}_top"))
+        tops.append(keras.Model(features, apply_layers(chain[depth:], features), name=f"{model.name}_top"))
     return keras.Model(image, shared, name="shared_layers"), tops
-
-
-def _apply(layers: Sequence[keras.Layer], x):
-    for layer in layers:
-        x = layer(x)
-    return x
 
 
 def predict_together(models: Sequence[keras.Model], images: np.ndarray, batch_size: int) -> list[np.ndarray]:

@@ -17,6 +17,7 @@ import numpy as np
 from keras import layers
 
 from pipeline.errors import UserError
+from pipeline.models.graph import PREPROCESSING, apply_layers, path_layers
 
 # The conv base's layers, input excluded, in order (keras.applications.VGG16 names).
 VGG16_LAYERS: tuple[str, ...] = (
@@ -88,7 +89,7 @@ def _first_line(err: Exception) -> str:
     return first[:200]
 
 
-def VGGPreprocess(name: str = "vgg_preprocess") -> layers.Conv2D:  # noqa: N802 - used like a layer class
+def VGGPreprocess(name: str = PREPROCESSING) -> layers.Conv2D:  # noqa: N802 - used like a layer class
     """keras.applications.vgg16.preprocess_input as a layer: RGB [0, 255] -> BGR - means.
 
     A frozen 1x1 convolution whose kernel permutes the channels and whose bias subtracts
@@ -134,7 +135,7 @@ def split_at_last_frozen_layer(
     frozen = keras.Model(conv_base.input, cut_output, name="vgg16_frozen")
     activation = keras.Input(shape=cut_output.shape[1:], name="activation")
     above_cut = VGG16_LAYERS[VGG16_LAYERS.index(cut) + 1 :]
-    outputs = _apply(_named_layers(conv_base, above_cut), activation)
+    outputs = apply_layers(_named_layers(conv_base, above_cut), activation)
     top = keras.Model(activation, outputs, name="vgg16_top")
     return frozen, top
 
@@ -174,9 +175,9 @@ def assemble_classifier(conv_base: keras.Model, head: keras.Model, unfreeze: int
     """
     set_trainable_layers(conv_base, unfreeze)
     image = keras.Input(shape=conv_base.input.shape[1:], name="image")
-    x = VGGPreprocess(name="vgg_preprocess")(image)
-    x = _apply(_named_layers(conv_base, VGG16_LAYERS), x)
-    outputs = _apply(_chain(head), x)
+    x = VGGPreprocess()(image)
+    x = apply_layers(_named_layers(conv_base, VGG16_LAYERS), x)
+    outputs = apply_layers(path_layers(head), x)
     return keras.Model(image, outputs, name="vgg16_classifier")
 
 
@@ -188,8 +189,8 @@ def build_finetune_model(top: keras.Model, head: keras.Model) -> keras.Model:
     layers above the cut then still run, frozen.
     """
     activation = keras.Input(shape=top.input.shape[1:], name="activation")
-    x = _apply(_chain(top), activation)
-    outputs = _apply(_chain(head), x)
+    x = apply_layers(path_layers(top), activation)
+    outputs = apply_layers(path_layers(head), x)
     return keras.Model(activation, outputs, name="vgg16_finetune")
 
 
@@ -208,15 +209,4 @@ def standalone_copy(model: keras.Model) -> keras.Model:
 
 def _named_layers(model: keras.Model, names: tuple[str, ...]) -> list[layers.Layer]:
     return [model.get_layer(name) for name in names]
-
-
-def _chain(model: keras.Model) -> list[layers.Layer]:
-    """The layers of a single-path model, in order, without its input layer."""
-    return [layer for layer in model.layers if not isinstance(layer, layers.InputLayer)]
-
-
-def _apply(chain: list[layers.Layer], x):
-    for layer in chain:
-        x = layer(x)
-    return x
 

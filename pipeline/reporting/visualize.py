@@ -26,29 +26,10 @@ class FilterPictures:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-# Conv layers that are not learned filters: VGG16's preprocessing is a frozen 1x1 convolution
-# (pipeline.models.vgg.VGGPreprocess) that only reorders channels and subtracts means.
-NOT_FILTERS = ("vgg_preprocess",)
-
-
-def conv_layer_names(model) -> list[str]:
-    """The model's learned Conv2D layers, input to output."""
-    import keras
-
-    return [layer.name for layer in model.layers
-            if isinstance(layer, keras.layers.Conv2D) and layer.name not in NOT_FILTERS]
-
-
-def feature_map_layer_names(model) -> list[str]:
-    """The model's learned conv layers and its pooling layers, input to output."""
-    from pipeline.viz.activations import conv_and_pool_layer_names
-
-    return [name for name in conv_and_pool_layer_names(model) if name not in NOT_FILTERS]
-
-
 def classic_vs_learned(model, image: np.ndarray, p: ClassicFilterParams) -> Figure:
     """Gaussian and Sobel filters on `image`, beside the most similar filters of the model's
     first conv layer and their activations on the same image (same conv op as the model)."""
+    from pipeline.models.graph import conv_layer_names
     from pipeline.viz.activations import activation_maps
     from pipeline.viz.classic import apply_kernels, classic_kernels, classic_vs_learned_figure
 
@@ -72,9 +53,10 @@ def patterns(model, layer_names: list[str], p: PatternParams, size: int,
 
 def activations(model, image: np.ndarray, max_channels: int) -> dict[str, Figure]:
     """One figure per conv and pooling layer: the first `max_channels` channels for `image`."""
+    from pipeline.models.graph import conv_and_pool_layer_names
     from pipeline.viz.activations import activation_maps, activation_maps_figures
 
-    maps = activation_maps(model, image.astype(np.float32), feature_map_layer_names(model))
+    maps = activation_maps(model, image.astype(np.float32), conv_and_pool_layer_names(model))
     return activation_maps_figures(maps, max_channels)
 
 

@@ -104,9 +104,10 @@ def gradcam_figure_for(model, evaluated: Evaluated, p: EvaluateParams):
     """Grad-CAM over `p.gradcam.photos` test photos (up to half misclassified), titled
     with the true class, the predicted class and the model's confidence in it."""
     from pipeline.evaluation import pick_examples
+    from pipeline.models.graph import conv_layer_names
     from pipeline.viz.gradcam import grad_cam, gradcam_figure
 
-    conv_layers = [layer.name for layer in model.layers if "conv" in type(layer).__name__.lower()]
+    conv_layers = conv_layer_names(model)
     if p.gradcam.layer not in conv_layers:
         raise UserError(
             f"evaluate.gradcam.layer: {p.gradcam.layer!r} is not a conv layer of the fine-tuned model "

@@ -35,7 +35,7 @@ def feature_extractor(weights: str | None, image_shape: tuple[int, int, int], un
     conv_base = build_conv_base(weights, image_shape)
     frozen, top = split_at_last_frozen_layer(conv_base, unfreeze)
     image = keras.Input(shape=image_shape, name="image")
-    cached = frozen(VGGPreprocess(name="vgg_preprocess")(image))
+    cached = frozen(VGGPreprocess()(image))
     return keras.Model(image, [cached, top(cached)], name="feature_extractor")
 
 

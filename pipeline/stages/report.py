@@ -82,11 +82,10 @@ def key_params(name: str, params: Params) -> dict[str, object]:
 
 def spatial_shapes(model) -> list[tuple[str, tuple]]:
     """(layer, output shape) for the input and every conv and pooling layer."""
-    from pipeline.reporting.visualize import feature_map_layer_names
-    from pipeline.viz.activations import layer_output
+    from pipeline.models.graph import conv_and_pool_layer_names, layer_output
 
     shapes = [("input", tuple(model.inputs[0].shape[1:]))]
-    layers = feature_map_layer_names(model)
+    layers = conv_and_pool_layer_names(model)
     return shapes + [(name, tuple(layer_output(model, name).shape[1:])) for name in layers]
 
 
@@ -115,7 +114,7 @@ def test_image(path: Path, index: int) -> np.ndarray:
 def first_conv_of_each_block(model) -> list[str]:
     """block1_conv1, block2_conv1, ... block5_conv1 of a VGG model (else all its conv layers):
     one layer per depth keeps the gradient ascent cheap and still shows the whole range."""
-    from pipeline.reporting.visualize import conv_layer_names
+    from pipeline.models.graph import conv_layer_names
 
     names = conv_layer_names(model)
     return [name for name in names if name.endswith("_conv1")] or names
@@ -124,7 +123,8 @@ def first_conv_of_each_block(model) -> list[str]:
 def draw_filters(params: Params, models: dict) -> tuple[Figures, dict[str, float]]:
     """The filter pictures of the baseline (on a test digit) and the fine-tuned VGG16 (on a
     test photo), and what each kind cost in seconds."""
-    from pipeline.reporting.visualize import conv_layer_names, filter_pictures
+    from pipeline.models.graph import conv_layer_names
+    from pipeline.reporting.visualize import filter_pictures
 
     p = params.report
     figures = Figures()

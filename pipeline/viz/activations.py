@@ -6,56 +6,12 @@ from collections.abc import Sequence
 
 import keras
 import numpy as np
-from keras.src.ops.function import make_node_key
-from keras.src.ops.node import Node
 from matplotlib.figure import Figure
 
+from pipeline.models.graph import layer_output, model_input
 from pipeline.viz.common import image_grid
 
-# Layers whose output is a spatial feature map worth drawing (global pooling is not spatial).
-SPATIAL_LAYER_TYPES = (keras.layers.Conv2D, keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)
 MAX_COLUMNS = 8
-
-
-def conv_and_pool_layer_names(model: keras.Model) -> list[str]:
-    """Names of the model's Conv2D and (max/average, not global) 2-D pooling layers, input to output."""
-    return [layer.name for layer in model.layers if isinstance(layer, SPATIAL_LAYER_TYPES)]
-
-
-def layer_node(model: keras.Model, layer_name: str) -> Node:
-    """The call of `layer_name` that belongs to `model`'s graph (its inputs and outputs).
-
-    Usually a layer has one call. But a layer called in several graphs (e.g. keras.applications
-    VGG16's layers re-applied to a new Input to make one flat classifier) has one per graph,
-    and `layer.output` is the first one's, which is not connected to `model`'s input. Keras
-    has no public API for "this layer's output in this model", so the node is found by key.
-    """
-    layer = model.get_layer(layer_name)
-    if len(layer._inbound_nodes) == 1:
-        return layer._inbound_nodes[0]
-    graph = getattr(model, "_functional", None) or model  # a Sequential keeps its graph there
-    for index, node in enumerate(layer._inbound_nodes):
-        if make_node_key(layer, index) in graph._nodes:
-            return node
-    raise ValueError(f"layer {layer_name!r} is not connected to the input of model {model.name!r}")
-
-
-def model_input(model: keras.Model) -> keras.KerasTensor | list[keras.KerasTensor]:
-    """`model`'s input in the structure a sub-model should take: the tensor when there is one.
-
-    (A sub-model built on a one-element list warns when called with a plain array.)
-    """
-    return model.inputs[0] if len(model.inputs) == 1 else model.inputs
-
-
-def layer_output(model: keras.Model, layer_name: str) -> keras.KerasTensor:
-    """The symbolic output of `layer_name` inside `model`'s graph."""
-    return layer_node(model, layer_name).outputs[0]
-
-
-def layer_input(model: keras.Model, layer_name: str) -> keras.KerasTensor:
-    """The symbolic (first) input of `layer_name` inside `model`'s graph."""
-    return layer_node(model, layer_name).input_tensors[0]
 
 
 def at_input_shape(model: keras.Model, input_shape: tuple[int | None, ...] | None) -> keras.Model:

@@ -12,31 +12,12 @@ import numpy as np
 import tensorflow as tf
 from matplotlib.figure import Figure
 
-from pipeline.viz.activations import layer_input, layer_output, model_input
+from pipeline.models.graph import layer_output, logits_of, model_input, probability_layer
 from pipeline.viz.common import image_grid, show_image
 
 MAX_COLUMNS = 4
 # Share of the heat map in the overlay: enough colour to read, enough image to recognise.
 OVERLAY_ALPHA = 0.45
-
-
-class DenseLogits(keras.layers.Layer):
-    """A Dense layer's output before its activation (the logits), with that layer's weights."""
-
-    def __init__(self, dense: keras.layers.Dense, **kwargs):
-        super().__init__(**kwargs)
-        self.dense = dense
-
-    def call(self, inputs):
-        outputs = keras.ops.matmul(inputs, self.dense.kernel)
-        return outputs + self.dense.bias if self.dense.use_bias else outputs
-
-
-def probability_layer(model: keras.Model) -> keras.layers.Dense | None:
-    """The model's last layer if it is a Dense layer with a sigmoid or softmax, else None."""
-    last = model.layers[-1]
-    probabilities = (keras.activations.sigmoid, keras.activations.softmax)
-    return last if isinstance(last, keras.layers.Dense) and last.activation in probabilities else None
 
 
 def score_model(model: keras.Model, conv_layer_name: str) -> keras.Model:
@@ -47,11 +28,7 @@ def score_model(model: keras.Model, conv_layer_name: str) -> keras.Model:
     in float32 has a zero gradient, hence a blank map), its logit does not. Otherwise, the
     model's output itself.
     """
-    last = probability_layer(model)
-    if last is not None:
-        scores = DenseLogits(last, name=f"{last.name}_logits")(layer_input(model, last.name))
-    else:
-        scores = model.outputs[0]
+    scores, _ = logits_of(model)
     return keras.Model(model_input(model), [layer_output(model, conv_layer_name), scores])
 
 

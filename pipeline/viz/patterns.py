@@ -32,7 +32,8 @@ import numpy as np
 import tensorflow as tf
 from matplotlib.figure import Figure
 
-from pipeline.viz.activations import at_input_shape, layer_input, layer_output, model_input
+from pipeline.models.graph import layer_input, layer_output, model_input
+from pipeline.viz.activations import at_input_shape
 from pipeline.viz.common import new_figure
 
 # Activation pixels ignored at each edge: the zero padding makes border pixels see a
@@ -173,18 +174,6 @@ def layer_patterns(
     span = value_range[1] - value_range[0]
     optimised = gradient_ascent(feature_model, start, filter_indices, steps, learning_rate, span)
     return np.stack([deprocess(image) for image in optimised])
-
-
-def filter_pattern(
-    feature_model: keras.Model,
-    filter_index: int,
-    steps: int,
-    learning_rate: float,
-    value_range: tuple[float, float],
-    seed: int,
-) -> np.ndarray:
-    """(h, w, C) uint8 pattern of one filter; for several, `layer_patterns` batches them (cheaper)."""
-    return layer_patterns(feature_model, [filter_index], steps, learning_rate, value_range, seed)[0]
 
 
 def filter_patterns(
