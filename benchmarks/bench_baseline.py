@@ -37,7 +37,8 @@ class EpochTimer(keras.callbacks.Callback):
 
 
 def main() -> None:
-    from pipeline.models.baseline import build_baseline, make_optimizer
+    from pipeline.models.baseline import build_baseline
+    from pipeline.models.optimizer import make_optimizer
     from pipeline.params import load_params
     from pipeline.stages import train_baseline
     from pipeline.stages.common import seed_everything

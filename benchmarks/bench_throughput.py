@@ -54,7 +54,8 @@ def time_epochs(settings: dict, samples: int, epochs: int) -> list[float]:
 
     import keras
 
-    from pipeline.models.baseline import build_baseline, make_optimizer
+    from pipeline.models.baseline import build_baseline
+    from pipeline.models.optimizer import make_optimizer
 
     p = params.baseline
     x, y = digits(samples)

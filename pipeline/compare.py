@@ -9,7 +9,6 @@ params whose values differ between the rows, which are the ones that explain the
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Literal
 import pandas as pd
 
 from pipeline.errors import UserError
+from pipeline.tracking import tracking_uri
 
 DEFAULT_METRICS = ("test_accuracy", "test_loss", "seconds_per_epoch")
 Format = Literal["table", "markdown", "csv", "json"]
@@ -66,22 +66,6 @@ def filter_string(tags: Mapping[str, str]) -> str:
             raise UserError(f"tag {key}={value}: quotes are not supported in tag filters")
         clauses.append(f"tags.`{key}` = '{value}'")
     return " and ".join(clauses)
-
-
-def tracking_uri() -> str:
-    """The store the stages log to, by the same rule as pipeline.tracking.tracking_uri.
-
-    Not imported from there: that module imports Keras (its training callback), which would
-    make printing a table take twenty seconds. A test checks that the two agree.
-    """
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    cwd = Path.cwd().resolve()
-    parts = cwd.parts
-    # A `dvc exp run --queue` copy under <root>/.dvc/tmp/exps/ logs to the main project's store.
-    copies = (i for i in range(len(parts) - 2) if parts[i : i + 3] == (".dvc", "tmp", "exps"))
-    root = next((Path(*parts[:i]) for i in copies), cwd)
-    return f"sqlite:///{root / 'mlflow.db'}"
 
 
 def tracking_store() -> str:

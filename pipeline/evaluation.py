@@ -36,7 +36,7 @@ def class_probabilities(outputs: np.ndarray, from_logits: bool = False) -> np.nd
 
 
 def label_indices(labels: np.ndarray) -> np.ndarray:
-    """(N,) integer labels from integer labels or (N, K) one-hot rows."""
+    """(N,) integer labels from integer labels or (N, K) one-hot (or probability) rows."""
     labels = np.asarray(labels)
     return labels.argmax(axis=1) if labels.ndim == 2 else labels.astype(np.int64).reshape(-1)
 

@@ -79,12 +79,6 @@ def write_json(path: Path, data: object) -> None:
         temp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write `text`, atomically."""
-    with atomic_path(path) as temp:
-        temp.write_text(text, encoding="utf-8")
-
-
 def sha256_file(path: Path) -> str:
     """Hex sha256 of one file's bytes."""
     with path.open("rb") as handle:

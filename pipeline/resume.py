@@ -7,8 +7,8 @@ learning-rate schedules read), the early-stopping state and the history rows so 
 folder is written under a temporary name and renamed into place, so a kill at any moment
 leaves the last complete epoch. The next run of the stage restores it and trains the
 remaining epochs only; with the same seed, data and machine it ends with the same numbers
-as an uninterrupted run (with `train.tf_data: true`, only up to the kill: tf.data draws
-each epoch's shuffle from the number of iterators made in the process, which restarts).
+as an uninterrupted run (with `train.tf_data: true` too: each epoch's order is drawn from
+the seed and the epoch alone, see `stages.common.fit_inputs`).
 
 `<key>` hashes the stage's params, its input data and the model's architecture (layer
 classes and variable shapes): a backup made with other params or data is never restored

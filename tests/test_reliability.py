@@ -422,7 +422,8 @@ def test_a_baseline_that_shrinks_the_digit_to_nothing_is_a_user_error():
 def _tiny_training(epochs: int, dropout: float, interrupt_at: int | None, monkeypatch, tf_data: bool = False,
                    learning_rate: float = 0.01, patience: int = 2):
     """Seeded tiny baseline fitted inside a stage_run; returns (FitResult, weights, run id)."""
-    from pipeline.models.baseline import build_baseline, make_optimizer
+    from pipeline.models.baseline import build_baseline
+    from pipeline.models.optimizer import make_optimizer
     from pipeline.params import BaselineParams
     from pipeline.stages.common import fit, seed_everything
     from pipeline.epoch_logger import EpochLogger

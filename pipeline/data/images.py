@@ -15,6 +15,7 @@ import tarfile
 import zipfile
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
@@ -258,49 +259,69 @@ def _exif_transpose_method(img: Image.Image) -> Image.Transpose | None:
     return _TRANSPOSE_FOR_ORIENTATION.get(orientation)
 
 
-def decode_folder(
-    files_by_class: dict[str, list[Path]], size: int, progress: bool
-) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
-    """Decode every file of every class (as found by `find_class_folders`).
+def decode_each(
+    files_by_class: dict[str, list[Path]],
+    size: int,
+    keep: Callable[[int, Path, np.ndarray], None],
+    progress: bool,
+    desc: str = "decoding images",
+) -> dict:
+    """Decode every file of every class (as found by `find_class_folders`), in order, and
+    call `keep(label, path, image)` for each one that decodes (`label` indexes the classes
+    in the order of `files_by_class`; `image` is uint8 (size, size, 3)).
 
-    Returns images uint8 (N, size, size, 3), labels int64 (N,) indexing the class names
-    (in the order of `files_by_class`), the class names, and a report:
+    Undecodable files are skipped, never fatal. Returns the report:
     {"kept": {class: n}, "skipped": n, "skipped_by_reason": {reason: n},
      "skipped_examples": [{"file": "Cat/666.jpg", "reason": "empty file"}, ...]}.
-    Undecodable files are skipped, never fatal.
     """
-    class_names = list(files_by_class)
     total = sum(len(files) for files in files_by_class.values())
-    # One allocation of the final size: a list of arrays then np.stack would need twice it.
-    images = np.empty((total, size, size, 3), dtype=np.uint8)
-    labels = np.empty(total, dtype=np.int64)
     kept: dict[str, int] = {}
     reasons: Counter[str] = Counter()
     examples: list[dict[str, str]] = []
-    n = 0
-    with tqdm(total=total, desc="decoding images", unit="img", disable=not progress) as bar:
-        for label, name in enumerate(class_names):
+    with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
+        for label, name in enumerate(files_by_class):
             kept[name] = 0
             for path in files_by_class[name]:
                 bar.update()
                 try:
-                    images[n] = decode_image(_read(path), path.suffix, size)
+                    image = decode_image(_read(path), path.suffix, size)
                 except UndecodableImage as err:
                     reasons[err.reason] += 1
                     if len(examples) < MAX_SKIPPED_EXAMPLES:
                         examples.append({"file": f"{name}/{path.name}", "reason": err.reason})
                     continue
-                labels[n] = label
+                keep(label, path, image)
                 kept[name] += 1
-                n += 1
-    report = {
+    return {
         "kept": kept,
         "skipped": sum(reasons.values()),
         "skipped_by_reason": dict(sorted(reasons.items())),
         "skipped_examples": examples,
     }
+
+
+def decode_folder(
+    files_by_class: dict[str, list[Path]], size: int, progress: bool
+) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
+    """Every decodable file of every class, as arrays (see `decode_each` for the report).
+
+    Returns images uint8 (N, size, size, 3), labels int64 (N,) indexing the class names
+    (in the order of `files_by_class`), the class names, and the report.
+    """
+    total = sum(len(files) for files in files_by_class.values())
+    # One allocation of the final size: a list of arrays then np.stack would need twice it.
+    images = np.empty((total, size, size, 3), dtype=np.uint8)
+    labels = np.empty(total, dtype=np.int64)
+    count = 0
+
+    def keep(label: int, path: Path, image: np.ndarray) -> None:
+        nonlocal count
+        images[count], labels[count] = image, label
+        count += 1
+
+    report = decode_each(files_by_class, size, keep, progress)
     # A slice, not a copy: no second buffer of the full size.
-    return images[:n], labels[:n], class_names, report
+    return images[:count], labels[:count], list(files_by_class), report
 
 
 def _read(path: Path) -> bytes:

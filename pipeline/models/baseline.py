@@ -41,20 +41,3 @@ def build_baseline(input_shape: tuple[int, ...], num_classes: int, p: BaselinePa
             "use padding: same, smaller strides or fewer layers"
         ) from None
 
-
-def make_optimizer(
-    name: str, learning_rate: float, schedule: str = "constant", total_steps: int = 0
-) -> keras.optimizers.Optimizer:
-    """A Keras optimizer by its params name ("rmsprop", "adam", "sgd").
-
-    `schedule: cosine` decays the rate to 0 over `total_steps` (all batches of all epochs).
-    """
-    classes = {
-        "rmsprop": keras.optimizers.RMSprop,
-        "adam": keras.optimizers.Adam,
-        "sgd": keras.optimizers.SGD,
-    }
-    rate = learning_rate
-    if schedule == "cosine":
-        rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(total_steps, 1))
-    return classes[name](learning_rate=rate)

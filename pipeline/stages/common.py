@@ -1,4 +1,5 @@
-"""What every stage shares: params, upstream checks, seeding, fitting, saving, model logging."""
+"""What the training stages share: their start (threads, strategy, seeds), fit with epoch
+backups, and publishing their outputs (files and MLflow)."""
 
 from __future__ import annotations
 

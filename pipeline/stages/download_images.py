@@ -8,14 +8,11 @@ files skipped and why), or nothing at all.
 from __future__ import annotations
 
 import shutil
-from collections import Counter
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from tqdm import tqdm
-
 from pipeline.data.download import DownloadError, fetch
-from pipeline.data.images import UndecodableImage, decode_image, extract_archive, find_class_folders
+from pipeline.data.images import decode_each, extract_archive, find_class_folders
 from pipeline.errors import UserError
 from pipeline.files import atomic_path, check_sha256, write_json
 from pipeline.params import ImagesParams, load_params
@@ -23,7 +20,6 @@ from pipeline.params import ImagesParams, load_params
 OUT = Path("data/raw/images")
 REPORT = Path("data/raw/images_report.json")
 CHECK_SIZE = 32  # decode at a small size: every byte is still decoded, the resize is cheap
-MAX_EXAMPLES = 20
 
 
 def local_folder(location: str) -> Path | None:
@@ -49,33 +45,18 @@ def fetch_archive(p: ImagesParams, scratch: Path) -> Path:
 
 def keep_decodable(files_by_class: dict[str, list[Path]], dest: Path) -> dict:
     """Copy each file that decodes into dest/<class>/; return counts and skip reasons."""
-    kept: Counter[str] = Counter()
-    reasons: Counter[str] = Counter()
-    examples: list[dict[str, str]] = []
-    total = sum(len(files) for files in files_by_class.values())
-    with tqdm(total=total, desc="checking photos", unit="img") as bar:
-        for name, files in files_by_class.items():
-            (dest / name).mkdir(parents=True)
-            for path in files:
-                bar.update()
-                try:
-                    decode_image(path.read_bytes(), path.suffix, CHECK_SIZE)
-                except UndecodableImage as err:
-                    reasons[err.reason] += 1
-                    if len(examples) < MAX_EXAMPLES:
-                        examples.append({"file": f"{name}/{path.name}", "reason": err.reason})
-                    continue
-                shutil.copyfile(path, dest / name / path.name)
-                kept[name] += 1
-    empty = [name for name in files_by_class if kept[name] == 0]
+    class_names = list(files_by_class)
+    for name in class_names:
+        (dest / name).mkdir(parents=True)
+
+    def keep(label: int, path: Path, image: object) -> None:
+        shutil.copyfile(path, dest / class_names[label] / path.name)
+
+    report = decode_each(files_by_class, CHECK_SIZE, keep, progress=True, desc="checking photos")
+    empty = [name for name, count in report["kept"].items() if count == 0]
     if empty:
         raise UserError(f"images.url: class folder(s) {', '.join(empty)} hold no decodable image")
-    return {
-        "kept": dict(kept),
-        "skipped": sum(reasons.values()),
-        "skipped_by_reason": dict(sorted(reasons.items())),
-        "skipped_examples": examples,
-    }
+    return report
 
 
 def download_images(p: ImagesParams, out: Path = OUT, report_path: Path = REPORT) -> dict:

@@ -42,7 +42,7 @@ def run(params_file: Path) -> None:
     params = load_params(params_file)  # first: a bad param is reported before TensorFlow loads
     import keras
 
-    from pipeline.models.baseline import make_optimizer
+    from pipeline.models.optimizer import make_optimizer
     from pipeline.models.vgg import assemble_classifier, build_conv_base, build_finetune_model, split_at_last_frozen_layer
     from pipeline.tracking import stage_run
 

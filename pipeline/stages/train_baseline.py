@@ -39,7 +39,8 @@ def train_baseline(
 
     `distribution` is `distribution_scope(params.train)`, made by the caller before any TF op.
     """
-    from pipeline.models.baseline import build_baseline, make_optimizer
+    from pipeline.models.baseline import build_baseline
+    from pipeline.models.optimizer import make_optimizer
 
     p = params.baseline
     scope, replicas = distribution or distribution_scope(params.train)
@@ -70,10 +71,11 @@ def train_baseline(
 
 def figures(model, digit: np.ndarray) -> dict:
     """The first conv layer's kernels and the activation maps of one test digit."""
-    from pipeline.viz.activations import activation_maps, activation_maps_figures, conv_and_pool_layer_names
+    from pipeline.models.graph import conv_and_pool_layer_names, conv_layer_names
+    from pipeline.viz.activations import activation_maps, activation_maps_figures
     from pipeline.viz.kernels import kernel_grid
 
-    first_conv = next(layer for layer in model.layers if layer.name.startswith("conv"))
+    first_conv = model.get_layer(conv_layer_names(model)[0])
     result = {"kernels.png": kernel_grid(first_conv.get_weights()[0], f"{first_conv.name}: learned kernels")}
     maps = activation_maps(model, digit, conv_and_pool_layer_names(model))
     for name, figure in activation_maps_figures(maps, max_channels=16).items():

@@ -22,7 +22,7 @@ PLOTS = Path("plots/head")
 
 def run(params_file: Path) -> None:
     params = load_params(params_file)  # first: a bad param is reported before TensorFlow loads
-    from pipeline.models.baseline import make_optimizer
+    from pipeline.models.optimizer import make_optimizer
     from pipeline.models.vgg import assemble_classifier, build_conv_base, build_head
     from pipeline.tracking import stage_run
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
+from pipeline.evaluation import label_indices
 from pipeline.viz.common import image_grid, new_figure, show_image
 
 MAX_COLUMNS = 6
@@ -46,12 +47,6 @@ def confusion_matrix_figure(cm: np.ndarray, class_names: Sequence[str], title: s
     return fig
 
 
-def as_class_indices(labels: np.ndarray) -> np.ndarray:
-    """(N,) integer classes from (N,) integers or (N, K) one-hot / probability rows."""
-    labels = np.asarray(labels)
-    return labels.argmax(axis=-1) if labels.ndim == 2 else labels.astype(int)
-
-
 def misclassified_figure(
     images: np.ndarray,
     true_labels: np.ndarray,
@@ -64,7 +59,7 @@ def misclassified_figure(
     In: (N, H, W, 1) grayscale floats in [0, 1] or (N, H, W, 3) RGB (uint8 or floats); labels
     as class indices or one-hot rows. With no mistakes the figure says so instead.
     """
-    true_classes, predicted = as_class_indices(true_labels), as_class_indices(pred_labels)
+    true_classes, predicted = label_indices(true_labels), label_indices(pred_labels)
     wrong = np.flatnonzero(true_classes != predicted)[:max_items]
     if len(wrong) == 0:
         fig = new_figure(4.0, 1.5)
