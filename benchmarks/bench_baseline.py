@@ -71,8 +71,8 @@ def main() -> None:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}/mlflow.db"
         seed_everything(params.seed)
         stage_params = {"seed": params.seed, "baseline": p.model_dump()}
-        with stage_run("train_baseline", stage_params, [data_hash_input], "benchmark"):
-            trained = train_baseline.train_baseline(arrays, params)
+        with stage_run("train_baseline", stage_params, [data_hash_input], "benchmark") as run:
+            trained = train_baseline.train_baseline(arrays, params, run=run)
         assert trained.fit.history.shape[0] == p.epochs, "the stage half trained every epoch"
 
     plain = statistics.median(timer.seconds)

@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from pipeline.catalog import STAGES, Stage
 from pipeline.errors import Killed, UserError, raise_killed
 
 app = typer.Typer(
@@ -36,31 +37,18 @@ def _run_stage(module: str, params_file: Path) -> None:
     importlib.import_module(f"pipeline.stages.{module}").run(params_file)
 
 
-def _stage(name: str, help_text: str) -> None:
-    """Register `pipeline NAME` for the stage module `name` (dashes on the command line)."""
+def _stage(stage: Stage) -> None:
+    """Register `pipeline SUBCOMMAND` for the stage module `stage.name` (see pipeline/catalog.py)."""
 
     def command(params: ParamsOption = Path("params.yaml")) -> None:
-        _run_stage(name, params)
+        _run_stage(stage.name, params)
 
-    command.__doc__ = help_text
-    app.command(name.replace("_", "-"))(command)
+    command.__doc__ = stage.summary
+    app.command(stage.subcommand)(command)
 
 
-STAGES = {
-    "download_mnist": "Download the four MNIST IDX files from the first good mirror, checked.",
-    "prepare_mnist": "Normalise MNIST to float32 in [0, 1], one-hot labels, stratified split.",
-    "train_baseline": "Train the baseline convnet on MNIST; log it to MLflow.",
-    "download_images": "Download and safely extract the photos; keep the ones that decode.",
-    "download_weights": "Download VGG16's notop ImageNet weights (or take a file), checked.",
-    "prepare_images": "Decode, resize and split the photos per class.",
-    "extract_features": "Cache VGG16's frozen activations for every photo, once.",
-    "train_head": "Train a new classifier on the cached VGG16 features; log it to MLflow.",
-    "finetune": "Fine-tune VGG16's top conv layers with the classifier; log it to MLflow.",
-    "evaluate": "Score every model on its test split: metrics, confusion, Grad-CAM; log to MLflow.",
-    "report": "Filter pictures and reports/report.md + a self-contained report.html.",
-}
-for _name, _help in STAGES.items():
-    _stage(_name, _help)
+for _stage_in_catalog in STAGES.values():
+    _stage(_stage_in_catalog)
 
 
 class OutputFormat(str, Enum):

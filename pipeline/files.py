@@ -13,8 +13,9 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import UserError, signals_deferred
 
@@ -77,6 +78,14 @@ def write_json(path: Path, data: object) -> None:
     """Write `data` as indented JSON, atomically."""
     with atomic_path(path) as temp:
         temp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def write_npz(path: Path, arrays: Mapping[str, Any]) -> None:
+    """Write named arrays as one uncompressed .npz file, atomically."""
+    import numpy as np
+
+    with atomic_path(path) as temp, temp.open("wb") as handle:
+        np.savez(handle, **arrays)
 
 
 def sha256_file(path: Path) -> str:

@@ -123,7 +123,7 @@ def fix_multi_worker_fit() -> None:
     import tensorflow as tf
 
     check()
-    trainer = importlib.import_module("keras.src.backend.tensorflow.trainer")
+    trainer: Any = importlib.import_module("keras.src.backend.tensorflow.trainer")
     if getattr(trainer, "_pipeline_multi_worker_fixed", False):
         return
     is_multi_worker = trainer._collective_all_reduce_multi_worker

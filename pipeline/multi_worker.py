@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ class Role:
     workers: int  # machines in the cluster
 
 
-def cluster_role(environ: dict[str, str] = os.environ) -> Role:
+def cluster_role(environ: Mapping[str, str] = os.environ) -> Role:
     """This process's place in the cluster that `TF_CONFIG` describes (UserError if it cannot)."""
     text = environ.get("TF_CONFIG", "")
     if not text.strip():

@@ -8,7 +8,8 @@ stops a stage before any work, with one line that names the key and what is allo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from ruamel.yaml import YAML, YAMLError
@@ -177,7 +178,7 @@ class Params(Section):
     report: ReportParams
 
 
-def _describe(error: dict) -> str:
+def _describe(error: Mapping[str, Any]) -> str:
     """One readable phrase for one pydantic error, naming the dotted key."""
     key = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":

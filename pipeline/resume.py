@@ -30,11 +30,15 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
 
 from pipeline.files import TEMP_PREFIX, atomic_path
+
+if TYPE_CHECKING:
+    from pipeline.tracking import StageRun
 
 RESUME_ROOT = Path(".resume")
 EPOCH_PREFIX = "epoch-"
@@ -71,17 +75,27 @@ class EpochBackup(keras.callbacks.Callback):
     """Save the training state after each epoch into `folder`; `restore` it before fit.
 
     `rows` is the list of history rows (one dict per finished epoch) kept by the caller;
-    `early_stopping` the EarlyStopping callback whose state must survive, if any.
+    `early_stopping` the EarlyStopping callback whose state must survive, if any. `of_run`
+    makes the one of a stage run: .resume/<stage>/<key>/.
     """
 
     def __init__(self, folder: Path, rows: list[dict], early_stopping=None) -> None:
         super().__init__()
         self.folder = folder
+        self.stage = folder.parent.name
         self.rows = rows
         self.early_stopping = early_stopping
         self._restored_rows: list[dict] = []  # kept in every later backup: a second kill loses nothing
         self._restored_early_stopping: dict | None = None
         self._restored_best_weights: list | None = None
+
+    @classmethod
+    def of_run(cls, run: StageRun, model, rows: list[dict], early_stopping=None,
+               root: Path = RESUME_ROOT) -> EpochBackup:
+        """The backup of `run`'s training of `model`: its folder is keyed by the run's params
+        and data hashes and the model's architecture (`backup_key`)."""
+        key = backup_key(run.params_sha256, run.data_sha256, model)
+        return cls(root / run.stage / key, rows, early_stopping)
 
     # -- restoring -------------------------------------------------------------------
     def restore(self, model) -> Restored:
@@ -149,7 +163,7 @@ class EpochBackup(keras.callbacks.Callback):
         }
         target = self.folder / f"{EPOCH_PREFIX}{epochs_done:04d}"
         with atomic_path(target, directory=True) as staging:
-            state = {f"v{i}": np.asarray(v.numpy()) for i, v in enumerate(training_state(self.model))}
+            state: dict[str, Any] = {f"v{i}": np.asarray(v.numpy()) for i, v in enumerate(training_state(self.model))}
             np.savez(staging / "state.npz", **state)
             if es is not None and es.best_weights is not None:
                 np.savez(staging / "best_weights.npz", **{f"w{i}": w for i, w in enumerate(es.best_weights)})

@@ -18,13 +18,18 @@ import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 
 from pipeline.errors import Killed, UserError, signals_deferred
 from pipeline.files import sha256_tree
+
+if TYPE_CHECKING:
+    from pipeline.catalog import Stage
+    from pipeline.params import Params
 
 
 def project_root() -> Path:
@@ -166,16 +171,40 @@ def run_tags(stage: str, params: Mapping[str, Any], inputs: list[Path]) -> dict[
     return tags
 
 
+@dataclass(frozen=True)
+class StageRun:
+    """One run of a stage, as handed to the code that does the work: which stage, the hashes
+    of what it depends on (which decide whether an epoch backup may be restored), and its
+    MLflow run."""
+
+    stage: str
+    params_sha256: str
+    data_sha256: str
+    mlflow_run: mlflow.ActiveRun
+
+    @property
+    def info(self) -> Any:
+        """The MLflow run's info (run_id, ...), as on `mlflow.ActiveRun`."""
+        return self.mlflow_run.info
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return self.mlflow_run.data.tags
+
+
 @contextlib.contextmanager
 def stage_run(
-    stage: str, params: Mapping[str, Any], inputs: list[Path], experiment: str
-) -> Iterator[mlflow.ActiveRun]:
+    stage: str, params: Mapping[str, Any], inputs: list[Path], experiment: str,
+    provenance: Mapping[str, Any] | None = None,
+) -> Iterator[StageRun]:
     """An MLflow run for one stage: params logged, tags set, and an honest end status.
 
-    FINISHED on success, KILLED on Ctrl-C or SIGTERM, FAILED on any other exception. A
-    second signal while the run starts or ends waits until it has (else the run would stay
-    RUNNING). Runs on this host whose process died without ending them (SIGKILL, out of
-    memory) are ended KILLED when the next stage starts.
+    `params` (what the stage depends on) are logged and hashed, `provenance` (where its
+    data came from, not a dependency) only logged; `inputs` are hashed. FINISHED on
+    success, KILLED on Ctrl-C or SIGTERM, FAILED on any other exception. A second signal
+    while the run starts or ends waits until it has (else the run would stay RUNNING). Runs
+    on this host whose process died without ending them (SIGKILL, out of memory) are ended
+    KILLED when the next stage starts.
     """
     use_experiment(experiment)
     end_orphaned_runs(experiment)
@@ -183,8 +212,8 @@ def stage_run(
     try:
         with signals_deferred():  # a signal held here is raised inside the try, so the run ends
             run = mlflow.start_run(run_name=stage, tags=tags)
-        mlflow.log_params(flatten(params))
-        yield run
+        mlflow.log_params({**flatten(params), **flatten(provenance or {})})
+        yield StageRun(stage, tags["params.sha256"], tags["data.sha256"], run)
     except (KeyboardInterrupt, Killed):
         with signals_deferred():
             mlflow.end_run("KILLED")
@@ -199,6 +228,13 @@ def stage_run(
             mlflow.end_run("FINISHED")
 
 
+def tracked(stage: Stage, params: Params) -> contextlib.AbstractContextManager[StageRun]:
+    """`stage_run` for a stage of the catalog: it logs and hashes the params and the inputs
+    that dvc.yaml lists for it (tests/test_catalog.py holds the two together)."""
+    return stage_run(stage.name, stage.params_of(params), list(stage.data_deps), params.mlflow.experiment,
+                     stage.provenance_of(params))
+
+
 def process_seconds() -> float:
     """Wall seconds since this process started: a stage's whole cost, imports included."""
     import psutil
@@ -209,6 +245,8 @@ def process_seconds() -> float:
 def end_orphaned_runs(experiment_name: str) -> None:
     """End KILLED the RUNNING runs of the experiment started on this host by a dead process."""
     experiment = mlflow.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return
     client = mlflow.MlflowClient()
     host = socket.gethostname().replace("'", "")
     runs = client.search_runs(

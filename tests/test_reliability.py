@@ -451,7 +451,7 @@ def _tiny_training(epochs: int, dropout: float, interrupt_at: int | None, monkey
             patch.setattr(EpochLogger, "on_epoch_begin", on_epoch_begin)
         with stage_run("train_baseline", {"baseline": p.model_dump()}, [], "resume") as run:
             result = fit(model, (x[:64], y[:64]), (x[64:], y[64:]), p.epochs, p.batch_size,
-                         p.early_stopping_patience, tf_data=tf_data)
+                         p.early_stopping_patience, tf_data=tf_data, run=run)
     return result, [np.asarray(w) for w in model.get_weights()], run.info.run_id
 
 
@@ -484,7 +484,7 @@ def test_a_resumed_training_equals_an_uninterrupted_one(embedded_store, monkeypa
     assert len(resumed.history) == len(full.history)
     assert resumed.history[columns].equals(full.history[columns]), "every epoch, bit for bit"
     assert all(np.array_equal(a, b) for a, b in zip(full_weights, resumed_weights))
-    assert resumed.resume_stage == "train_baseline"
+    assert resumed.resumed_after == 4
 
     client = client_for(embedded_store)
     full_run, resumed_run = client.get_run(full_id), client.get_run(resumed_id)

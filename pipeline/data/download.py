@@ -64,7 +64,8 @@ def _download(url: str, dest: Path, retries: int, progress: bool) -> Path:
     try:
         fetched = Path(store.fetch(name, downloader=downloader))
     except requests.exceptions.HTTPError as exc:
-        raise DownloadError(f"{url}: HTTP {exc.response.status_code}") from None
+        status = exc.response.status_code if exc.response is not None else "error"
+        raise DownloadError(f"{url}: HTTP {status}") from None
     except requests.exceptions.ConnectionError as exc:
         reason = "connection failed" if "refused" not in str(exc).lower() else "connection refused"
         raise DownloadError(f"{url}: {reason}") from None

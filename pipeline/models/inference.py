@@ -56,8 +56,9 @@ def split_models(models: Sequence[keras.Model]) -> tuple[keras.Model, list[keras
     is `models[i](x)`. None when a model is not a simple chain of layers, the models take
     different inputs, or they share no layer.
     """
-    chains = [layer_chain(model) for model in models]
-    if any(chain is None for chain in chains):
+    found = [layer_chain(model) for model in models]
+    chains = [chain for chain in found if chain is not None]
+    if len(chains) != len(found):
         return None
     if len({tuple(model.inputs[0].shape[1:]) for model in models}) != 1:
         return None

@@ -52,7 +52,7 @@ def last_frozen_layer(unfreeze: int) -> str:
     return VGG16_LAYERS[VGG16_LAYERS.index(first_trainable) - 1]
 
 
-def build_conv_base(weights: str | None, input_shape: tuple[int, int, int]) -> keras.Model:
+def build_conv_base(weights: str | None, input_shape: tuple[int, ...]) -> keras.Model:
     """VGG16 without its classifier, for images of `input_shape` (height, width, 3).
 
     `weights` is None (random), "imagenet" (Keras downloads them) or the path of a
@@ -76,7 +76,7 @@ def build_conv_base(weights: str | None, input_shape: tuple[int, int, int]) -> k
     return conv_base
 
 
-def _vgg16(weights: str | None, input_shape: tuple[int, int, int]) -> keras.Model:
+def _vgg16(weights: str | None, input_shape: tuple[int, ...]) -> keras.Model:
     return keras.applications.VGG16(
         include_top=False, weights=weights, input_shape=tuple(input_shape)
     )

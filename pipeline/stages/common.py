@@ -8,13 +8,19 @@ import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from pipeline.errors import require
 from pipeline.files import atomic_path
 from pipeline.params import Params, TrainParams
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from pipeline.resume import EpochBackup
+    from pipeline.tracking import StageRun
 
 
 def seed_everything(seed: int) -> None:
@@ -97,9 +103,9 @@ def progress_mode() -> int | str:
 
 @dataclass
 class FitResult:
-    history: "pandas.DataFrame"  # noqa: F821 - one row per epoch, Keras' log keys + epoch_seconds
+    history: pd.DataFrame  # one row per epoch, Keras' log keys + epoch_seconds
     fit_seconds: float  # wall time of model.fit, for the benchmarks
-    resume_stage: str | None = None  # whose .resume/ backup to delete once the outputs are written
+    resumed_after: int = 0  # epochs restored from a backup (0: trained from the start)
     kept_epoch: int | None = None  # the epoch whose weights the model ends with (0: the start)
     start_validation: dict | None = None  # validation scores of the starting weights, when measured
 
@@ -117,13 +123,14 @@ def fit(
     early_stopping_patience: int = 0,
     tf_data: bool = False,
     shuffle_seed: int = 0,
+    run: StageRun | None = None,
 ) -> FitResult:
     """model.fit with per-epoch MLflow logging and timing (and optional early stopping).
 
-    Inside a `stage_run`, the training is resumable (pipeline/resume.py): each epoch's state
-    is backed up under .resume/<stage>/, and a backup left by a killed run with the same
-    params, data and architecture is restored first, so only the remaining epochs run; the
-    history (and the MLflow run's metrics) still has every epoch.
+    Given the stage's `run`, the training is resumable (pipeline/resume.py): each epoch's
+    state is backed up under .resume/<stage>/, and a backup left by a killed run with the
+    same params, data and architecture is restored first, so only the remaining epochs run;
+    the history (and the MLflow run's metrics) still has every epoch.
     """
     import keras
     import mlflow
@@ -137,13 +144,14 @@ def fit(
     if early_stopping_patience and validation is not None:
         early_stopping = early_stopping_from_start(validation, batch_size, early_stopping_patience)
         callbacks.append(early_stopping)
-    backup, stage = _epoch_backup(model, logger.rows, early_stopping)
-    initial_epoch, restored_rows = 0, []
+    backup = _epoch_backup(run, model, logger.rows, early_stopping)
+    initial_epoch, restored_rows, resumed_after = 0, [], 0
     if backup is not None:
         restored = backup.restore(model)
         initial_epoch, restored_rows = (epochs if restored.stopped else restored.epochs), restored.rows
+        resumed_after = restored.epochs
         if restored.epochs:
-            _note_resumed(stage, restored.epochs, epochs, backup.folder)
+            _note_resumed(backup.stage, restored.epochs, epochs, backup.folder)
             logger.log_restored(restored_rows)
         callbacks.append(backup)  # after EarlyStopping: it saves the state that one has updated
     if mlflow.active_run() is not None:  # what the params' per-replica batch sizes came to
@@ -164,7 +172,7 @@ def fit(
     kept = len(frame) if early_stopping is None else early_stopping.best_epoch + 1
     # After a resume, on_train_begin scored the restored weights, not the starting ones.
     start = early_stopping.start if early_stopping is not None and initial_epoch == 0 else None
-    return FitResult(frame, fit_seconds, stage, kept_epoch=kept, start_validation=start)
+    return FitResult(frame, fit_seconds, resumed_after, kept_epoch=kept, start_validation=start)
 
 
 def early_stopping_from_start(validation: tuple[np.ndarray, np.ndarray], batch_size: int, patience: int):
@@ -222,22 +230,17 @@ def fit_inputs(
     return {"x": stream, "steps_per_epoch": -(-count // batch_size), "validation_data": checked}
 
 
-def _epoch_backup(model, rows: list[dict], early_stopping):
-    """(EpochBackup, stage) for the active stage_run's MLflow run, or (None, None) outside one."""
-    import mlflow
+def _epoch_backup(run: StageRun | None, model, rows: list[dict], early_stopping) -> EpochBackup | None:
+    """The epoch backup of `run`'s training of `model`, or None without a run (or compiled model)."""
     import tensorflow as tf
 
-    from pipeline.resume import RESUME_ROOT, EpochBackup, backup_key
+    from pipeline.resume import EpochBackup
 
-    run = mlflow.active_run()
-    tags = run.data.tags if run is not None else {}
-    stage = tags.get("pipeline.stage")
-    if not stage or model.optimizer is None:
-        return None, None
+    if run is None or model.optimizer is None:
+        return None
     if isinstance(model.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return None, None  # each machine would restore its own backup (or none): out of step
-    key = backup_key(tags.get("params.sha256", ""), tags.get("data.sha256", ""), model)
-    return EpochBackup(RESUME_ROOT / stage / key, rows, early_stopping), stage
+        return None  # each machine would restore its own backup (or none): out of step
+    return EpochBackup.of_run(run, model, rows, early_stopping)
 
 
 def _note_resumed(stage: str, done: int, epochs: int, folder: Path) -> None:
@@ -277,56 +280,58 @@ def model_summary(model) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True, kw_only=True)
+class Trained:
+    """What a training stage's testable function returns: the outputs `publish_training` writes."""
 
-def publish_training(
-    run,
-    trained_model,
-    saved_model,
-    result: FitResult,
-    test: tuple[float, float],
-    paths: tuple[Path, Path, Path],
-    figures: dict,
-    example: np.ndarray,
-) -> dict:
-    """Write a training stage's outputs atomically and log them to the active MLflow run.
+    model: Any  # the model that was fitted
+    fit: FitResult
+    test_loss: float
+    test_accuracy: float
+    saved_model: Any = None  # what is saved and logged, when not `model` (the VGG stages' whole classifier)
 
-    `paths` is (model, metrics, plots folder). The plots folder gets history.csv (a DVC
-    plot), summary.txt (Keras' layer table with output shapes), curves.png and `figures`
-    (name -> matplotlib Figure). `saved_model` is what goes to disk and to MLflow (for the
-    VGG stages, the complete classifier; `trained_model` is what was fitted); `example` is
-    a few inputs of `saved_model`, for the MLflow model signature.
-    Returns the metrics written.
+    @property
+    def to_save(self) -> Any:
+        return self.model if self.saved_model is None else self.saved_model
+
+
+def publish_training(run: StageRun, trained: Trained, *, figures: dict, example: np.ndarray) -> dict:
+    """Write a training stage's outputs atomically, log them to its MLflow run, and discard
+    its epoch backup (nothing is left to resume). Returns the metrics written.
+
+    The paths are the catalog's for `run.stage`: the model, the metrics file and the plots
+    folder, which gets history.csv (a DVC plot), summary.txt (Keras' layer table with output
+    shapes), curves.png and `figures` (name -> matplotlib Figure). `example` is a few inputs
+    of the saved model, for the MLflow model signature.
     """
     import mlflow
 
+    from pipeline.catalog import model_of
     from pipeline.files import write_json
+    from pipeline.resume import discard
     from pipeline.viz.curves import training_curves_figure
 
-    model_path, metrics_path, plots_path = paths
-    test_loss, test_accuracy = test
+    paths, result, saved = model_of(run.stage), trained.fit, trained.to_save
     metrics = {
-        "test_accuracy": float(test_accuracy),
-        "test_loss": float(test_loss),
+        "test_accuracy": float(trained.test_accuracy),
+        "test_loss": float(trained.test_loss),
         "epochs": int(len(result.history)),
         "kept_epoch": result.kept_epoch,  # early stopping's pick (0: the starting weights)
         "seconds_per_epoch": round(result.seconds_per_epoch, 3),
         "mlflow_run_id": run.info.run_id,
     }
-    summary = model_summary(saved_model)
-    with atomic_path(plots_path, directory=True) as plots:
-        result.history.to_csv(plots / "history.csv", index=False)
+    summary = model_summary(saved)
+    with atomic_path(paths.plots, directory=True) as plots:
+        result.history.to_csv(plots / paths.history.name, index=False)
         (plots / "summary.txt").write_text(summary + "\n", encoding="utf-8")
         all_figures = {"curves.png": training_curves_figure(result.history, start=result.start_validation), **figures}
         for name, figure in all_figures.items():
             figure.savefig(plots / name, dpi=100)
-    save_model(saved_model, model_path)
-    write_json(metrics_path, metrics)
+    save_model(saved, paths.model)
+    write_json(paths.metrics, metrics)
     mlflow.log_metrics({k: v for k, v in metrics.items() if k != "mlflow_run_id"})
     mlflow.log_text(summary, "model_summary_saved.txt")
-    mlflow.log_artifacts(str(plots_path), artifact_path="plots")
-    log_model(saved_model, example)
-    if result.resume_stage:
-        from pipeline.resume import discard
-
-        discard(result.resume_stage)  # the outputs are complete: nothing left to resume
+    mlflow.log_artifacts(str(paths.plots), artifact_path="plots")
+    log_model(saved, example)
+    discard(run.stage)  # the outputs are complete: nothing left to resume
     return metrics

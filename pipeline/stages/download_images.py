@@ -11,14 +11,16 @@ import shutil
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from pipeline import catalog
 from pipeline.data.download import DownloadError, fetch
 from pipeline.data.images import decode_each, extract_archive, find_class_folders
 from pipeline.errors import UserError
 from pipeline.files import atomic_path, check_sha256, write_json
 from pipeline.params import ImagesParams, load_params
 
-OUT = Path("data/raw/images")
-REPORT = Path("data/raw/images_report.json")
+STAGE = catalog.STAGES["download_images"]
+OUT = catalog.IMAGES_RAW
+REPORT = catalog.IMAGES_REPORT
 CHECK_SIZE = 32  # decode at a small size: every byte is still decoded, the resize is cheap
 
 
@@ -86,8 +88,8 @@ def run(params_file: Path) -> None:
     params = load_params(params_file)
     import mlflow
 
-    from pipeline.tracking import stage_run
+    from pipeline.tracking import tracked
 
-    with stage_run("download_images", {"images": params.images.model_dump()}, [], params.mlflow.experiment):
+    with tracked(STAGE, params):
         report = download_images(params.images)
         mlflow.log_metrics({"photos_kept": sum(report["kept"].values()), "photos_skipped": report["skipped"]})

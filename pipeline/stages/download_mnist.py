@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline import catalog
 from pipeline.data.download import DownloadError, decompress_and_hash, fetch, join_location
 from pipeline.data.idx import IdxError, parse_idx
 from pipeline.errors import UserError
 from pipeline.files import atomic_path
 from pipeline.params import MnistParams, RemoteFile, load_params
 
-OUT = Path("data/raw/mnist")
+STAGE = catalog.STAGES["download_mnist"]
+OUT = catalog.MNIST_RAW
 RANKS = {"train_images": 3, "train_labels": 1, "test_images": 3, "test_labels": 1}
 
 
@@ -57,7 +59,7 @@ def download_mnist(p: MnistParams, out: Path = OUT) -> None:
 
 def run(params_file: Path) -> None:
     params = load_params(params_file)
-    from pipeline.tracking import stage_run
+    from pipeline.tracking import tracked
 
-    with stage_run("download_mnist", {"mnist": params.mnist.model_dump()}, [], params.mlflow.experiment):
+    with tracked(STAGE, params):
         download_mnist(params.mnist)

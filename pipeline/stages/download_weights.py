@@ -8,12 +8,14 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from pipeline import catalog
 from pipeline.data.download import DownloadError, fetch
 from pipeline.errors import UserError
 from pipeline.files import atomic_path, check_sha256
 from pipeline.params import Vgg16Params, load_params
 
-OUT = Path("data/raw/weights/vgg16_notop.h5")
+STAGE = catalog.STAGES["download_weights"]
+OUT = catalog.WEIGHTS
 # The Keras release that `keras.applications.VGG16(weights="imagenet", include_top=False)` uses.
 IMAGENET_URL = (
     "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
@@ -53,7 +55,7 @@ def download_weights(p: Vgg16Params, out: Path = OUT) -> None:
 
 def run(params_file: Path) -> None:
     params = load_params(params_file)
-    from pipeline.tracking import stage_run
+    from pipeline.tracking import tracked
 
-    with stage_run("download_weights", {"vgg16": params.vgg16.model_dump()}, [], params.mlflow.experiment):
+    with tracked(STAGE, params):
         download_weights(params.vgg16)

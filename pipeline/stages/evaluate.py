@@ -18,20 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import UserError, require
+from pipeline import catalog
+from pipeline.catalog import IMAGES, MNIST, MODELS
+from pipeline.errors import UserError
 from pipeline.params import EvaluateParams, load_params
 
-STAGE = "evaluate"
-MNIST = Path("data/prepared/mnist.npz")
-IMAGES = Path("data/prepared/images.npz")
-# Model name in evaluate.json -> (saved model, stage that writes it, test data).
-MODELS = {
-    "baseline": (Path("models/baseline.keras"), "train_baseline", MNIST),
-    "feature_extraction": (Path("models/head.keras"), "train_head", IMAGES),
-    "fine_tuning": (Path("models/finetuned.keras"), "finetune", IMAGES),
-}
-METRICS = Path("metrics/evaluate.json")
-PLOTS = Path("plots/evaluate")
+STAGE = catalog.STAGES["evaluate"]
+METRICS = catalog.EVALUATE_METRICS
+PLOTS = catalog.EVALUATE_PLOTS
 GRADCAM_MODEL = "fine_tuning"
 
 
@@ -88,7 +82,7 @@ def predict_all(models: dict, test_sets: dict[Path, LabelledImages], batch_size:
     outputs: dict[str, tuple[np.ndarray, bool]] = {}
     timings: dict[str, float] = {}
     for data, test in test_sets.items():
-        names = [name for name, (_, _, model_data) in MODELS.items() if model_data == data]
+        names = [name for name, trained in MODELS.items() if trained.test_data == data]
         scorers = [logit_model(models[name]) for name in names]
         started = time.perf_counter()
         results = predict_together([scorer for scorer, _ in scorers], test.images, batch_size)
@@ -179,8 +173,8 @@ def evaluate_models(
 
     outputs, timings = predict_all(models, test_sets, p.batch_size)
     evaluated = {}
-    for name, (_, _, data) in MODELS.items():
-        test, (result, from_logits) = test_sets[data], outputs[name]
+    for name, trained in MODELS.items():
+        test, (result, from_logits) = test_sets[trained.test_data], outputs[name]
         scores = score(test.labels, result, test.class_names, from_logits)
         evaluated[name] = Evaluated(test, result, from_logits, scores)
     return evaluated, timings
@@ -203,16 +197,13 @@ def run(params_file: Path) -> None:
 
     import pipeline.models.vgg  # noqa: F401 - registers VGGPreprocess, which the VGG models hold
     from pipeline.files import atomic_path, write_json
-    from pipeline.tracking import stage_run
+    from pipeline.tracking import tracked
 
     p = params.evaluate
-    for path, stage, data in MODELS.values():
-        require(data, stage="prepare_mnist" if data == MNIST else "prepare_images")
-        require(path, stage=stage)
+    catalog.require_inputs(STAGE)
     test_sets = load_test_sets()
-    inputs = [MNIST, IMAGES] + [path for path, _, _ in MODELS.values()]
-    with stage_run(STAGE, {"evaluate": p.model_dump()}, inputs, params.mlflow.experiment) as run:
-        models = {name: keras.models.load_model(path) for name, (path, _, _) in MODELS.items()}
+    with tracked(STAGE, params) as run:
+        models = {name: keras.models.load_model(trained.model) for name, trained in MODELS.items()}
         evaluated, timings = evaluate_models(models, test_sets, p)
         figures = all_figures(models, evaluated, p)
         # The run id in each model's entry ties evaluate.json to this MLflow run.

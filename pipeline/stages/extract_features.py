@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.errors import require
+from pipeline import catalog
 from pipeline.files import atomic_path
 from pipeline.params import load_params
 
-IMAGES = Path("data/prepared/images.npz")
-WEIGHTS = Path("data/raw/weights/vgg16_notop.h5")
-OUT = Path("data/features")
+STAGE = catalog.STAGES["extract_features"]
+IMAGES = catalog.IMAGES
+WEIGHTS = catalog.WEIGHTS
+OUT = catalog.FEATURES
 SPLITS = ("train", "validation", "test")
 
 
@@ -71,15 +72,13 @@ def run(params_file: Path) -> None:
     params = load_params(params_file)
     import mlflow
 
-    from pipeline.tracking import stage_run
+    from pipeline.tracking import tracked
 
-    require(IMAGES, stage="prepare_images")
-    require(WEIGHTS, stage="download_weights")
+    catalog.require_inputs(STAGE)
     with np.load(IMAGES) as data:
         class_names = [str(name) for name in data["class_names"]]
         splits = {split: (data[f"x_{split}"], data[f"y_{split}"]) for split in SPLITS}
-    stage_params = {"features": params.features.model_dump(), "finetune": {"unfreeze": params.finetune.unfreeze}}
-    with stage_run("extract_features", stage_params, [IMAGES, WEIGHTS], params.mlflow.experiment):
+    with tracked(STAGE, params):
         extractor = feature_extractor(str(WEIGHTS), splits["train"][0].shape[1:], params.finetune.unfreeze)
         photos, started = 0, time.perf_counter()
         with atomic_path(OUT, directory=True) as staging:

@@ -10,18 +10,22 @@ Writes models/finetuned.keras (complete: raw photos in), metrics/finetune.json, 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.params import load_params
-from pipeline.stages.common import fit, publish_training, start_training
-from pipeline.stages.vgg_common import FEATURES, IMAGES, WEIGHTS, head_of, load_features, loss_for, vgg_figures
+from pipeline import catalog
+from pipeline.params import Params, load_params
+from pipeline.stages.common import Distribution, Trained, distribution_scope, fit, publish_training, start_training
+from pipeline.stages.vgg_common import head_of, load_features, loss_for, vgg_figures
 
-STAGE = "finetune"
-HEAD_MODEL = Path("models/head.keras")
-MODEL = Path("models/finetuned.keras")
-METRICS = Path("metrics/finetune.json")
-PLOTS = Path("plots/finetune")
+if TYPE_CHECKING:
+    from pipeline.tracking import StageRun
+
+STAGE = catalog.STAGES["finetune"]
+HEAD_MODEL = catalog.MODELS["feature_extraction"].model
+
+Splits = dict[str, tuple[np.ndarray, np.ndarray]]
 
 
 def augmentation(seed: int):
@@ -38,42 +42,56 @@ def augmentation(seed: int):
     )
 
 
-def run(params_file: Path) -> None:
-    params = load_params(params_file)  # first: a bad param is reported before TensorFlow loads
+def finetune(
+    head_model: Path, features: Splits, photos: Splits, num_classes: int, params: Params,
+    distribution: Distribution | None = None, run: StageRun | None = None,
+) -> Trained:
+    """Fine-tune the trained head in `head_model` with VGG16's top `finetune.unfreeze` conv
+    layers (the weights of catalog.WEIGHTS), on the cached `features` ({split: (activations
+    at the last frozen layer, labels)}), or with `finetune.augment` on the augmented `photos`.
+    Returns the fitted model and, to save, the complete classifier (raw photos in).
+    `distribution` and `run` as for `train_baseline`."""
     import keras
 
     from pipeline.models.optimizer import make_optimizer
     from pipeline.models.vgg import assemble_classifier, build_conv_base, build_finetune_model, split_at_last_frozen_layer
-    from pipeline.tracking import stage_run
 
     p = params.finetune
-    scope, replicas = start_training(params, (FEATURES, "extract_features"), (HEAD_MODEL, "train_head"))
-    splits, class_names = load_features("frozen")
-    with np.load(IMAGES) as data:
+    scope, replicas = distribution or distribution_scope(params.train)
+    with scope:  # every variable the training touches is made under the strategy
+        trained_head = keras.models.load_model(head_model)
+        image_shape = trained_head.input_shape[1:]
+        conv_base = build_conv_base(str(catalog.WEIGHTS), image_shape)
+        frozen, top = split_at_last_frozen_layer(conv_base, p.unfreeze)
+        head = head_of(trained_head, top.output_shape[1:])
+        classifier = assemble_classifier(conv_base, head, p.unfreeze)
+        if p.augment:
+            # The slow, exact path: every epoch runs the whole network on augmented photos.
+            image = keras.Input(shape=image_shape)
+            model = keras.Model(image, classifier(augmentation(params.seed)(image)))
+            splits = photos
+        else:
+            model = build_finetune_model(top, head)
+            splits = features
+        model.compile(optimizer=make_optimizer(p.optimizer, p.learning_rate),
+                      loss=loss_for(num_classes), metrics=["accuracy"])
+    result = fit(model, splits["train"], splits["validation"], p.epochs, p.batch_size * replicas,
+                 p.early_stopping_patience, params.train.tf_data, params.seed, run=run)
+    test_loss, test_accuracy = model.evaluate(*splits["test"], batch_size=64, verbose=0)
+    return Trained(model=model, fit=result, test_loss=float(test_loss), test_accuracy=float(test_accuracy),
+                   saved_model=classifier)
+
+
+def run(params_file: Path) -> None:
+    params = load_params(params_file)  # first: a bad param is reported before TensorFlow loads
+    from pipeline.tracking import tracked
+
+    distribution = start_training(params, *catalog.upstream(STAGE))
+    features, class_names = load_features("frozen")
+    with np.load(catalog.IMAGES) as data:
         photos = {split: (data[f"x_{split}"], data[f"y_{split}"]) for split in ("train", "validation", "test")}
-    stage_params = {"seed": params.seed, "finetune": p.model_dump(), "train": params.train.model_dump()}
-    inputs = [FEATURES, HEAD_MODEL, WEIGHTS] + ([IMAGES] if p.augment else [])
-    with stage_run(STAGE, stage_params, inputs, params.mlflow.experiment) as run:
-        with scope:  # every variable the training touches is made under the strategy
-            trained_head = keras.models.load_model(HEAD_MODEL)
-            image_shape = trained_head.input_shape[1:]
-            conv_base = build_conv_base(str(WEIGHTS), image_shape)
-            frozen, top = split_at_last_frozen_layer(conv_base, p.unfreeze)
-            head = head_of(trained_head, top.output_shape[1:])
-            classifier = assemble_classifier(conv_base, head, p.unfreeze)
-            if p.augment:
-                # The slow, exact path: every epoch runs the whole network on augmented photos.
-                image = keras.Input(shape=image_shape)
-                model = keras.Model(image, classifier(augmentation(params.seed)(image)))
-                train, validation, test = photos["train"], photos["validation"], photos["test"]
-            else:
-                model = build_finetune_model(top, head)
-                train, validation, test = splits["train"], splits["validation"], splits["test"]
-            model.compile(optimizer=make_optimizer(p.optimizer, p.learning_rate),
-                          loss=loss_for(len(class_names)), metrics=["accuracy"])
-        result = fit(model, train, validation, p.epochs, p.batch_size * replicas, p.early_stopping_patience,
-                     params.train.tf_data, params.seed)
-        test_metrics = model.evaluate(*test, batch_size=64, verbose=0)
-        figures = vgg_figures(classifier, photos["test"][0][0], ("block5_conv1", "block5_conv3"))
-        publish_training(run, model, classifier, result, tuple(test_metrics), (MODEL, METRICS, PLOTS),
-                         figures, photos["test"][0][:2])
+    with tracked(STAGE, params) as run:
+        trained = finetune(HEAD_MODEL, features, photos, len(class_names), params, distribution, run)
+        test_photos = photos["test"][0]
+        figures = vgg_figures(trained.to_save, test_photos[0], ("block5_conv1", "block5_conv3"))
+        publish_training(run, trained, figures=figures, example=test_photos[:2])

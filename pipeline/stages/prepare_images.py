@@ -10,13 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import catalog
 from pipeline.data.images import decode_folder, find_class_folders, stratified_split
-from pipeline.errors import require
-from pipeline.files import atomic_path
+from pipeline.files import write_npz
 from pipeline.params import load_params
 
-RAW = Path("data/raw/images")
-OUT = Path("data/prepared/images.npz")
+STAGE = catalog.STAGES["prepare_images"]
+RAW = catalog.IMAGES_RAW
+OUT = catalog.IMAGES
 SPLITS = ("train", "validation", "test")
 
 
@@ -33,13 +34,10 @@ def prepare_images(raw: Path, size: int, per_class: dict[str, int], seed: int) -
 
 def run(params_file: Path) -> None:
     params = load_params(params_file)
-    from pipeline.tracking import stage_run
+    from pipeline.tracking import tracked
 
-    require(RAW, stage="download_images")
+    catalog.require_inputs(STAGE)
     p = params.images
-    stage_params = {"seed": params.seed, "images": {"size": p.size, "per_class": p.per_class.model_dump()}}
-    with stage_run("prepare_images", stage_params, [RAW], params.mlflow.experiment):
+    with tracked(STAGE, params):
         arrays = prepare_images(RAW, p.size, p.per_class.model_dump(), params.seed)
-        with atomic_path(OUT) as temp:
-            with temp.open("wb") as handle:
-                np.savez(handle, **arrays)
+        write_npz(OUT, arrays)

@@ -10,14 +10,16 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import catalog
 from pipeline.data.idx import parse_idx
 from pipeline.data.mnist import check_pair, normalize, one_hot, stratified_split
-from pipeline.errors import UserError, require
-from pipeline.files import atomic_path
+from pipeline.errors import UserError
+from pipeline.files import write_npz
 from pipeline.params import load_params
 
-RAW = Path("data/raw/mnist")
-OUT = Path("data/prepared/mnist.npz")
+STAGE = catalog.STAGES["prepare_mnist"]
+RAW = catalog.MNIST_RAW
+OUT = catalog.MNIST
 
 
 def read_split(raw: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -56,14 +58,11 @@ def prepare_mnist(
 
 def run(params_file: Path) -> None:
     params = load_params(params_file)
-    from pipeline.tracking import stage_run
+    from pipeline.tracking import tracked
 
-    require(RAW, stage="download_mnist")
-    stage_params = {"seed": params.seed, "mnist": {"validation_size": params.mnist.validation_size}}
-    with stage_run("prepare_mnist", stage_params, [RAW], params.mlflow.experiment):
+    catalog.require_inputs(STAGE)
+    with tracked(STAGE, params):
         arrays = prepare_mnist(
             read_split(RAW, "train"), read_split(RAW, "test"), params.mnist.validation_size, params.seed
         )
-        with atomic_path(OUT) as temp:
-            with temp.open("wb") as handle:
-                np.savez(handle, **arrays)
+        write_npz(OUT, arrays)

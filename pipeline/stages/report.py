@@ -13,50 +13,31 @@ import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import UserError, require
+from pipeline import catalog
+from pipeline.catalog import EVALUATE_METRICS, EVALUATE_PLOTS, IMAGES, IMAGES_REPORT, MNIST, MODELS, REPORTS, WEIGHTS
+from pipeline.errors import UserError
 from pipeline.params import Params, load_params
 from pipeline.reporting.content import Figures, ModelResult, ReportInputs
 from pipeline.reporting.render import Picture, Report
 
-STAGE = "report"
-REPORTS = Path("reports")
-MNIST = Path("data/prepared/mnist.npz")
-IMAGES = Path("data/prepared/images.npz")
-IMAGES_REPORT = Path("data/raw/images_report.json")
-WEIGHTS = Path("data/raw/weights/vgg16_notop.h5")
-EVALUATE_METRICS = Path("metrics/evaluate.json")
-EVALUATE_PLOTS = Path("plots/evaluate")
+if TYPE_CHECKING:
+    from pipeline.tracking import StageRun
 
-
-class Trained(NamedTuple):
-    """A trained model as the report knows it: its names and the training stage's outputs."""
-
-    title: str  # what a reader calls it
-    data: str  # what it is tested on
-    stage: str  # the training stage
-    metrics: Path
-    plots: Path
-    model: Path
-
-
-# Keyed like evaluate.json.
-MODELS = {
-    "baseline": Trained("Baseline convnet", "MNIST test digits", "train_baseline",
-                        Path("metrics/baseline.json"), Path("plots/baseline"), Path("models/baseline.keras")),
-    "feature_extraction": Trained("VGG16 feature extraction", "test photos", "train_head",
-                                  Path("metrics/head.json"), Path("plots/head"), Path("models/head.keras")),
-    "fine_tuning": Trained("VGG16 fine-tuned", "test photos", "finetune",
-                           Path("metrics/finetune.json"), Path("plots/finetune"), Path("models/finetuned.keras")),
+STAGE = catalog.STAGES["report"]
+# Stages whose MLflow runs the timing table lists (every one before this), in pipeline order.
+TRACKED_STAGES = tuple(name for name in catalog.STAGES if name != STAGE.name)
+TRAINING_STAGES = tuple(trained.stage for trained in MODELS.values())
+# What a reader calls each model of catalog.MODELS, and what it is tested on.
+TITLES = {
+    "baseline": ("Baseline convnet", "MNIST test digits"),
+    "feature_extraction": ("VGG16 feature extraction", "test photos"),
+    "fine_tuning": ("VGG16 fine-tuned", "test photos"),
 }
-# Stages whose MLflow runs the timing table lists, in pipeline order.
-TRACKED_STAGES = ("download_mnist", "prepare_mnist", "train_baseline", "download_images", "download_weights",
-                  "prepare_images", "extract_features", "train_head", "finetune", "evaluate")
-TRAINING_STAGES = ("train_baseline", "train_head", "finetune")
 
 
 def picture(path: Path, caption: str, file_name: str | None = None) -> Picture:
@@ -93,7 +74,7 @@ def model_results(params: Params, evaluation: dict, models: dict) -> list[ModelR
     results = []
     for name, trained in MODELS.items():
         results.append(ModelResult(
-            name=name, title=trained.title, data=trained.data,
+            name=name, title=TITLES[name][0], data=TITLES[name][1],
             training=json.loads(trained.metrics.read_text()),
             evaluation=evaluation[name],
             key_params=key_params(name, params),
@@ -130,9 +111,9 @@ def draw_filters(params: Params, models: dict) -> tuple[Figures, dict[str, float
     figures = Figures()
     seconds: dict[str, float] = {}
     targets = [
-        ("baseline", "Baseline convnet", test_image(MNIST, p.image_index),
+        ("baseline", TITLES["baseline"][0], test_image(MNIST, p.image_index),
          conv_layer_names(models["baseline"]), p.patterns.baseline_size, (0.0, 1.0)),
-        ("fine_tuning", "VGG16 fine-tuned", test_image(IMAGES, p.image_index),
+        ("fine_tuning", TITLES["fine_tuning"][0], test_image(IMAGES, p.image_index),
          first_conv_of_each_block(models["fine_tuning"]), p.patterns.vgg_size, (0.0, 255.0)),
     ]
     for name, title, image, layers, size, value_range in targets:
@@ -152,7 +133,7 @@ def draw_filters(params: Params, models: dict) -> tuple[Figures, dict[str, float
 def stage_figures(figures: Figures) -> None:
     """Add the pictures the training and evaluate stages already drew."""
     for name, trained in MODELS.items():
-        title = trained.title
+        title = TITLES[name][0]
         figures.curves.append(picture(trained.plots / "curves.png", f"{title}: training curves",
                                       f"curves_{name}.png"))
         figures.evaluation.append(picture(EVALUATE_PLOTS / f"confusion_{name}.png",
@@ -219,7 +200,7 @@ def write_report(report: Report, folder: Path) -> None:
     (folder / "report.html").write_text(to_html(report), encoding="utf-8")
 
 
-def make_report(params: Params, active_run) -> tuple[Report, dict[str, float]]:
+def make_report(params: Params, active_run: StageRun) -> tuple[Report, dict[str, float]]:
     """The whole report, and what its filter pictures cost (seconds, by kind)."""
     import keras
 
@@ -233,7 +214,7 @@ def make_report(params: Params, active_run) -> tuple[Report, dict[str, float]]:
     seconds["total"] = round(time.perf_counter() - started, 2)
     stage_figures(figures)
     timings, earlier = mlflow_tables(params.mlflow.experiment, mlflow_run_ids(evaluation))
-    commit = active_run.data.tags.get("mlflow.source.git.commit", "none")[:8]
+    commit = active_run.tags.get("mlflow.source.git.commit", "none")[:8]
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     report = build_report(ReportInputs(
         models=model_results(params, evaluation, models), figures=figures, provenance=provenance(params),
@@ -248,16 +229,10 @@ def run(params_file: Path) -> None:
     import mlflow
 
     from pipeline.files import atomic_path
-    from pipeline.tracking import stage_run
+    from pipeline.tracking import tracked
 
-    require(EVALUATE_METRICS, EVALUATE_PLOTS, stage="evaluate")
-    for trained in MODELS.values():
-        require(trained.metrics, trained.plots, trained.model, stage=trained.stage)
-    require(MNIST, stage="prepare_mnist")
-    require(IMAGES, stage="prepare_images")
-    inputs = [EVALUATE_METRICS, EVALUATE_PLOTS, MNIST, IMAGES] + [trained.model for trained in MODELS.values()]
-    stage_params = {"seed": params.seed, "report": params.report.model_dump()}
-    with stage_run(STAGE, stage_params, inputs, params.mlflow.experiment) as active:
+    catalog.require_inputs(STAGE)
+    with tracked(STAGE, params) as active:
         report, seconds = make_report(params, active)
         with atomic_path(REPORTS, directory=True) as folder:
             write_report(report, folder)

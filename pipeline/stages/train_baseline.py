@@ -7,37 +7,30 @@ layer summary, training curves, the first layer's kernels, activation maps of on
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline import catalog
 from pipeline.params import Params, load_params
-from pipeline.stages.common import (
-    Distribution, FitResult, distribution_scope, fit, publish_training, start_training,
-)
+from pipeline.stages.common import Distribution, Trained, distribution_scope, fit, publish_training, start_training
 
-STAGE = "train_baseline"
-DATA = Path("data/prepared/mnist.npz")
-MODEL = Path("models/baseline.keras")
-METRICS = Path("metrics/baseline.json")
-PLOTS = Path("plots/baseline")
+if TYPE_CHECKING:
+    from pipeline.tracking import StageRun
 
-
-@dataclass
-class Trained:
-    model: object
-    fit: FitResult
-    test_loss: float
-    test_accuracy: float
+STAGE = catalog.STAGES["train_baseline"]
+DATA = catalog.MNIST
 
 
 def train_baseline(
-    arrays: dict[str, np.ndarray], params: Params, distribution: Distribution | None = None
+    arrays: dict[str, np.ndarray], params: Params, distribution: Distribution | None = None,
+    run: StageRun | None = None,
 ) -> Trained:
     """Build, fit (logging each epoch to the active MLflow run) and test the baseline.
 
-    `distribution` is `distribution_scope(params.train)`, made by the caller before any TF op.
+    `distribution` is `distribution_scope(params.train)`, made by the caller before any TF op;
+    `run` the stage run, whose epoch backup makes the training resumable.
     """
     from pipeline.models.baseline import build_baseline
     from pipeline.models.optimizer import make_optimizer
@@ -62,11 +55,12 @@ def train_baseline(
         early_stopping_patience=p.early_stopping_patience,
         tf_data=params.train.tf_data,
         shuffle_seed=params.seed,
+        run=run,
     )
     test_loss, test_accuracy = model.evaluate(
         arrays["x_test"], arrays["y_test"], batch_size=256, verbose=0
     )
-    return Trained(model, result, float(test_loss), float(test_accuracy))
+    return Trained(model=model, fit=result, test_loss=float(test_loss), test_accuracy=float(test_accuracy))
 
 
 def figures(model, digit: np.ndarray) -> dict:
@@ -85,17 +79,12 @@ def figures(model, digit: np.ndarray) -> dict:
 
 def run(params_file: Path) -> None:
     params = load_params(params_file)  # first: a bad param is reported before TensorFlow loads
-    from pipeline.tracking import stage_run
+    from pipeline.tracking import tracked
 
-    distribution = start_training(params, (DATA, "prepare_mnist"))
+    distribution = start_training(params, *catalog.upstream(STAGE))
     with np.load(DATA) as data:
         arrays = {key: data[key] for key in data.files}
-    stage_params = {"seed": params.seed, "baseline": params.baseline.model_dump(),
-                    "train": params.train.model_dump()}
-    with stage_run(STAGE, stage_params, [DATA], params.mlflow.experiment) as run:
-        trained = train_baseline(arrays, params, distribution)
-        publish_training(
-            run, trained.model, trained.model, trained.fit,
-            (trained.test_loss, trained.test_accuracy), (MODEL, METRICS, PLOTS),
-            figures(trained.model, arrays["x_test"][0]), arrays["x_test"][:2],
-        )
+    with tracked(STAGE, params) as run:
+        trained = train_baseline(arrays, params, distribution, run)
+        publish_training(run, trained, figures=figures(trained.model, arrays["x_test"][0]),
+                         example=arrays["x_test"][:2])

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 
-FEATURES = Path("data/features")
-IMAGES = Path("data/prepared/images.npz")
-WEIGHTS = Path("data/raw/weights/vgg16_notop.h5")
+from pipeline.catalog import FEATURES
+
 HEAD_LAYERS = ("head_pool", "head_dense", "head_dropout", "head_output")
 SPLITS = ("train", "validation", "test")
 
