@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup run test lock bench clean-venv
+.PHONY: setup run test lint lock bench clean-venv
 
 setup: $(INSTALLED)
 
@@ -21,8 +21,14 @@ $(INSTALLED): requirements.lock pyproject.toml
 run: $(INSTALLED)
 	dvc repro
 
-test: $(INSTALLED)
+test: lint
 	$(PYTHON) -m pytest
+
+# Lint, format and type checks (settings in pyproject.toml); `make test` runs them first.
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check pipeline benchmarks
+	$(VENV)/bin/ruff format --check pipeline benchmarks
+	$(VENV)/bin/mypy pipeline
 
 bench: $(INSTALLED)
 	$(PYTHON) benchmarks/bench_baseline.py

@@ -17,10 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-
 import keras
+import numpy as np
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -53,13 +51,22 @@ def main() -> None:
     keras.utils.set_random_seed(params.seed)
     model = build_baseline(arrays["x_train"].shape[1:], arrays["y_train"].shape[1], p)
     steps = math.ceil(len(arrays["x_train"]) / p.batch_size) * p.epochs
-    model.compile(optimizer=make_optimizer(p.optimizer, p.learning_rate, p.lr_schedule, steps),
-                  loss="categorical_crossentropy", metrics=["accuracy"])
+    model.compile(
+        optimizer=make_optimizer(p.optimizer, p.learning_rate, p.lr_schedule, steps),
+        loss="categorical_crossentropy",
+        metrics=["accuracy"],
+    )
     timer = EpochTimer()
     started = time.perf_counter()
-    model.fit(arrays["x_train"], arrays["y_train"], epochs=p.epochs, batch_size=p.batch_size,
-              validation_data=(arrays["x_validation"], arrays["y_validation"]),
-              callbacks=[timer], verbose=2)
+    model.fit(
+        arrays["x_train"],
+        arrays["y_train"],
+        epochs=p.epochs,
+        batch_size=p.batch_size,
+        validation_data=(arrays["x_validation"], arrays["y_validation"]),
+        callbacks=[timer],
+        verbose=2,
+    )
     plain_fit = time.perf_counter() - started
     plain_accuracy = model.evaluate(arrays["x_test"], arrays["y_test"], verbose=0)[1]
 
@@ -77,17 +84,21 @@ def main() -> None:
 
     plain = statistics.median(timer.seconds)
     stage = trained.fit.seconds_per_epoch
-    json.dump({
-        "epochs": p.epochs,
-        "plain_keras_seconds_per_epoch_median": round(plain, 3),
-        "stage_seconds_per_epoch_median": round(stage, 3),
-        "ratio_stage_to_plain": round(stage / plain, 3),
-        "plain_keras_fit_seconds": round(plain_fit, 2),
-        "stage_fit_seconds": round(trained.fit.fit_seconds, 2),
-        "ratio_fit_seconds": round(trained.fit.fit_seconds / plain_fit, 3),
-        "plain_keras_test_accuracy": round(float(plain_accuracy), 4),
-        "stage_test_accuracy": round(trained.test_accuracy, 4),
-    }, sys.stdout, indent=2)
+    json.dump(
+        {
+            "epochs": p.epochs,
+            "plain_keras_seconds_per_epoch_median": round(plain, 3),
+            "stage_seconds_per_epoch_median": round(stage, 3),
+            "ratio_stage_to_plain": round(stage / plain, 3),
+            "plain_keras_fit_seconds": round(plain_fit, 2),
+            "stage_fit_seconds": round(trained.fit.fit_seconds, 2),
+            "ratio_fit_seconds": round(trained.fit.fit_seconds / plain_fit, 3),
+            "plain_keras_test_accuracy": round(float(plain_accuracy), 4),
+            "stage_test_accuracy": round(trained.test_accuracy, 4),
+        },
+        sys.stdout,
+        indent=2,
+    )
     print()
 
 

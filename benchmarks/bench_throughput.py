@@ -61,15 +61,22 @@ def time_epochs(settings: dict, samples: int, epochs: int) -> list[float]:
     x, y = digits(samples)
     with scope:
         model = build_baseline(x.shape[1:], y.shape[1], p)
-        model.compile(optimizer=make_optimizer(p.optimizer, p.learning_rate), loss="categorical_crossentropy",
-                      metrics=["accuracy"])
+        model.compile(
+            optimizer=make_optimizer(p.optimizer, p.learning_rate),
+            loss="categorical_crossentropy",
+            metrics=["accuracy"],
+        )
     seconds: list[float] = []
     timer = keras.callbacks.LambdaCallback(
         on_epoch_begin=lambda epoch, logs: seconds.append(-time.perf_counter()),
         on_epoch_end=lambda epoch, logs: seconds.__setitem__(-1, seconds[-1] + time.perf_counter()),
     )
-    model.fit(**fit_inputs((x, y), None, p.batch_size * replicas, train.tf_data, epochs),
-              epochs=epochs, callbacks=[timer], verbose=0)
+    model.fit(
+        **fit_inputs((x, y), None, p.batch_size * replicas, train.tf_data, epochs),
+        epochs=epochs,
+        callbacks=[timer],
+        verbose=0,
+    )
     return seconds
 
 
@@ -85,18 +92,32 @@ def main() -> None:
     medians = {}
     for name, settings in SETTINGS.items():
         result = subprocess.run(
-            [sys.executable, __file__, "--samples", str(args.samples), "--epochs", str(args.epochs),
-             "--one", json.dumps(settings)],
-            capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                __file__,
+                "--samples",
+                str(args.samples),
+                "--epochs",
+                str(args.epochs),
+                "--one",
+                json.dumps(settings),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         medians[name] = statistics.median(json.loads(result.stdout.strip().splitlines()[-1])[1:])
-    json.dump({
-        "samples": args.samples,
-        "epochs_timed": args.epochs - 1,
-        "seconds_per_epoch_median": {name: round(value, 3) for name, value in medians.items()},
-        "ratio_to_arrays": {name: round(value / medians["arrays"], 3) for name, value in medians.items()},
-        "ratio_threads_2_to_1": round(medians["arrays_threads_2"] / medians["arrays_threads_1"], 3),
-    }, sys.stdout, indent=2)
+    json.dump(
+        {
+            "samples": args.samples,
+            "epochs_timed": args.epochs - 1,
+            "seconds_per_epoch_median": {name: round(value, 3) for name, value in medians.items()},
+            "ratio_to_arrays": {name: round(value / medians["arrays"], 3) for name, value in medians.items()},
+            "ratio_threads_2_to_1": round(medians["arrays_threads_2"] / medians["arrays_threads_1"], 3),
+        },
+        sys.stdout,
+        indent=2,
+    )
     print()
 
 

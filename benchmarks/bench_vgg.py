@@ -67,14 +67,19 @@ def finetune_epoch(data: dict, unfreeze: int, batch_size: int) -> dict:
     import keras
 
     from pipeline.models.vgg import (
-        assemble_classifier, build_conv_base, build_finetune_model, build_head, split_at_last_frozen_layer,
+        assemble_classifier,
+        build_conv_base,
+        build_finetune_model,
+        build_head,
+        split_at_last_frozen_layer,
     )
     from pipeline.stages.extract_features import feature_extractor
 
     shape = data["x_train"].shape[1:]
     extractor = feature_extractor(str(WEIGHTS), shape, unfreeze)
-    cached = {split: extractor.predict(data[f"x_{split}"], batch_size=32, verbose=0)[0]
-              for split in ("train", "validation")}
+    cached = {
+        split: extractor.predict(data[f"x_{split}"], batch_size=32, verbose=0)[0] for split in ("train", "validation")
+    }
     conv_base = build_conv_base(str(WEIGHTS), shape)
     frozen, top = split_at_last_frozen_layer(conv_base, unfreeze)
     head = build_head(top.output_shape[1:], 2, "gap", 256, 0.5)
@@ -86,8 +91,14 @@ def finetune_epoch(data: dict, unfreeze: int, batch_size: int) -> dict:
         model.compile(optimizer=keras.optimizers.RMSprop(1e-5), loss="binary_crossentropy", metrics=["accuracy"])
         model.fit(x_train[:batch_size], data["y_train"][:batch_size], epochs=1, batch_size=batch_size, verbose=0)
         started = time.perf_counter()  # after a warm-up step: tracing is not an epoch's cost
-        model.fit(x_train, data["y_train"], validation_data=(x_validation, data["y_validation"]),
-                  epochs=1, batch_size=batch_size, verbose=0)
+        model.fit(
+            x_train,
+            data["y_train"],
+            validation_data=(x_validation, data["y_validation"]),
+            epochs=1,
+            batch_size=batch_size,
+            verbose=0,
+        )
         return time.perf_counter() - started
 
     cached_seconds = epoch(fast, cached["train"], cached["validation"])
@@ -115,14 +126,23 @@ def peak_memory(count: int, params_file: Path) -> dict:
         labels = np.resize(np.concatenate([arrays["y_train"], arrays["y_validation"], arrays["y_test"]]), count)
         third = count // 3
         splits = {"train": slice(0, third), "validation": slice(third, 2 * third), "test": slice(2 * third, count)}
-        np.savez(root / "data/prepared/images.npz", class_names=arrays["class_names"],
-                 **{f"x_{s}": repeated[i] for s, i in splits.items()}, **{f"y_{s}": labels[i] for s, i in splits.items()})
+        np.savez(
+            root / "data/prepared/images.npz",
+            class_names=arrays["class_names"],
+            **{f"x_{s}": repeated[i] for s, i in splits.items()},
+            **{f"y_{s}": labels[i] for s, i in splits.items()},
+        )
         del photos, repeated
         shutil.copy(WEIGHTS, root / WEIGHTS)
         shutil.copy(params_file, root / "params.yaml")
         pipeline = Path(sys.executable).parent / "pipeline"
-        result = subprocess.run(["/usr/bin/time", "-v", str(pipeline), "extract-features"], cwd=root,
-                                capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        result = subprocess.run(
+            ["/usr/bin/time", "-v", str(pipeline), "extract-features"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        )
         if result.returncode != 0:
             raise SystemExit(result.stderr[-2000:])
         kilobytes = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
@@ -146,8 +166,9 @@ def main() -> None:
         with np.load(IMAGES) as npz:
             data = {key: npz[key] for key in npz.files}
         photos = np.resize(data["x_test"], (args.photos, *data["x_test"].shape[1:]))
-        report["extract_features"] = throughput(photos, params.finetune.unfreeze, params.features.batch_size,
-                                                args.repeats)
+        report["extract_features"] = throughput(
+            photos, params.finetune.unfreeze, params.features.batch_size, args.repeats
+        )
         report["finetune_epoch"] = finetune_epoch(data, params.finetune.unfreeze, params.finetune.batch_size)
     if args.memory:
         report["extract_features_memory"] = peak_memory(args.memory, Path("params.yaml"))

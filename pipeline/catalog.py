@@ -48,12 +48,15 @@ class TrainedModel:
 
 
 MODELS: dict[str, TrainedModel] = {
-    "baseline": TrainedModel("train_baseline", Path("models/baseline.keras"), Path("metrics/baseline.json"),
-                             Path("plots/baseline"), MNIST),
-    "feature_extraction": TrainedModel("train_head", Path("models/head.keras"), Path("metrics/head.json"),
-                                       Path("plots/head"), IMAGES),
-    "fine_tuning": TrainedModel("finetune", Path("models/finetuned.keras"), Path("metrics/finetune.json"),
-                                Path("plots/finetune"), IMAGES),
+    "baseline": TrainedModel(
+        "train_baseline", Path("models/baseline.keras"), Path("metrics/baseline.json"), Path("plots/baseline"), MNIST
+    ),
+    "feature_extraction": TrainedModel(
+        "train_head", Path("models/head.keras"), Path("metrics/head.json"), Path("plots/head"), IMAGES
+    ),
+    "fine_tuning": TrainedModel(
+        "finetune", Path("models/finetuned.keras"), Path("metrics/finetune.json"), Path("plots/finetune"), IMAGES
+    ),
 }
 
 
@@ -101,42 +104,101 @@ class Stage:
 
 def _training(name: str, summary: str, section: str, inputs: tuple[Path, ...]) -> Stage:
     model = model_of(name)
-    return Stage(name, summary, inputs, outputs=(model.model, model.plots), metrics=(model.metrics,),
-                 plots=(model.history,), params=("seed", section, "train"))
+    return Stage(
+        name,
+        summary,
+        inputs,
+        outputs=(model.model, model.plots),
+        metrics=(model.metrics,),
+        plots=(model.history,),
+        params=("seed", section, "train"),
+    )
 
 
 # In pipeline order: `dvc repro` may run them in another order that respects the inputs.
-STAGES: dict[str, Stage] = {stage.name: stage for stage in (
-    Stage("download_mnist", "Download the four MNIST IDX files from the first good mirror, checked.",
-          outputs=(MNIST_RAW,), params=("mnist.files",), provenance=("mnist.mirrors", "mnist.retries")),
-    Stage("prepare_mnist", "Normalise MNIST to float32 in [0, 1], one-hot labels, stratified split.",
-          inputs=(MNIST_RAW,), outputs=(MNIST,), params=("seed", "mnist.validation_size")),
-    _training("train_baseline", "Train the baseline convnet on MNIST; log it to MLflow.", "baseline", (MNIST,)),
-    Stage("download_images", "Download and safely extract the photos; keep the ones that decode.",
-          outputs=(IMAGES_RAW, IMAGES_REPORT), params=("images.url", "images.sha256")),
-    Stage("download_weights", "Download VGG16's notop ImageNet weights (or take a file), checked.",
-          outputs=(WEIGHTS,), params=("vgg16",)),
-    Stage("prepare_images", "Decode, resize and split the photos per class.",
-          inputs=(IMAGES_RAW,), outputs=(IMAGES,), params=("seed", "images.size", "images.per_class")),
-    Stage("extract_features", "Cache VGG16's frozen activations for every photo, once.",
-          inputs=(IMAGES, WEIGHTS), outputs=(FEATURES,), params=("features", "finetune.unfreeze")),
-    _training("train_head", "Train a new classifier on the cached VGG16 features; log it to MLflow.", "head",
-              (FEATURES, IMAGES, WEIGHTS)),  # the photos: the classifier's input size, figures, examples
-    _training("finetune", "Fine-tune VGG16's top conv layers with the classifier; log it to MLflow.", "finetune",
-              (FEATURES, IMAGES, WEIGHTS, MODELS["feature_extraction"].model)),
-    Stage("evaluate", "Score every model on its test split: metrics, confusion, Grad-CAM; log to MLflow.",
-          inputs=(MNIST, IMAGES, *(model.model for model in MODELS.values())),
-          outputs=(EVALUATE_PLOTS,), metrics=(EVALUATE_METRICS,),
-          plots=tuple(EVALUATE_PLOTS / f"confusion_{key}.csv" for key in MODELS), params=("evaluate",)),
-    Stage("report", "Filter pictures and reports/report.md + a self-contained report.html.",
-          inputs=(EVALUATE_METRICS, EVALUATE_PLOTS,
-                  *(path for model in MODELS.values() for path in (model.metrics, model.plots)),
-                  *(model.model for model in MODELS.values()), MNIST, IMAGES),
-          optional=(IMAGES_REPORT, WEIGHTS),  # provenance: what was skipped, the weights' sha256
-          outputs=(REPORTS,),
-          # shown in the report: the key params of each model and the data's provenance
-          params=("seed", "report", "baseline", "head", "finetune", "images.size", "mnist.files", "vgg16.weights")),
-)}
+STAGES: dict[str, Stage] = {
+    stage.name: stage
+    for stage in (
+        Stage(
+            "download_mnist",
+            "Download the four MNIST IDX files from the first good mirror, checked.",
+            outputs=(MNIST_RAW,),
+            params=("mnist.files",),
+            provenance=("mnist.mirrors", "mnist.retries"),
+        ),
+        Stage(
+            "prepare_mnist",
+            "Normalise MNIST to float32 in [0, 1], one-hot labels, stratified split.",
+            inputs=(MNIST_RAW,),
+            outputs=(MNIST,),
+            params=("seed", "mnist.validation_size"),
+        ),
+        _training("train_baseline", "Train the baseline convnet on MNIST; log it to MLflow.", "baseline", (MNIST,)),
+        Stage(
+            "download_images",
+            "Download and safely extract the photos; keep the ones that decode.",
+            outputs=(IMAGES_RAW, IMAGES_REPORT),
+            params=("images.url", "images.sha256"),
+        ),
+        Stage(
+            "download_weights",
+            "Download VGG16's notop ImageNet weights (or take a file), checked.",
+            outputs=(WEIGHTS,),
+            params=("vgg16",),
+        ),
+        Stage(
+            "prepare_images",
+            "Decode, resize and split the photos per class.",
+            inputs=(IMAGES_RAW,),
+            outputs=(IMAGES,),
+            params=("seed", "images.size", "images.per_class"),
+        ),
+        Stage(
+            "extract_features",
+            "Cache VGG16's frozen activations for every photo, once.",
+            inputs=(IMAGES, WEIGHTS),
+            outputs=(FEATURES,),
+            params=("features", "finetune.unfreeze"),
+        ),
+        _training(
+            "train_head",
+            "Train a new classifier on the cached VGG16 features; log it to MLflow.",
+            "head",
+            (FEATURES, IMAGES, WEIGHTS),
+        ),  # the photos: the classifier's input size, figures, examples
+        _training(
+            "finetune",
+            "Fine-tune VGG16's top conv layers with the classifier; log it to MLflow.",
+            "finetune",
+            (FEATURES, IMAGES, WEIGHTS, MODELS["feature_extraction"].model),
+        ),
+        Stage(
+            "evaluate",
+            "Score every model on its test split: metrics, confusion, Grad-CAM; log to MLflow.",
+            inputs=(MNIST, IMAGES, *(model.model for model in MODELS.values())),
+            outputs=(EVALUATE_PLOTS,),
+            metrics=(EVALUATE_METRICS,),
+            plots=tuple(EVALUATE_PLOTS / f"confusion_{key}.csv" for key in MODELS),
+            params=("evaluate",),
+        ),
+        Stage(
+            "report",
+            "Filter pictures and reports/report.md + a self-contained report.html.",
+            inputs=(
+                EVALUATE_METRICS,
+                EVALUATE_PLOTS,
+                *(path for model in MODELS.values() for path in (model.metrics, model.plots)),
+                *(model.model for model in MODELS.values()),
+                MNIST,
+                IMAGES,
+            ),
+            optional=(IMAGES_REPORT, WEIGHTS),  # provenance: what was skipped, the weights' sha256
+            outputs=(REPORTS,),
+            # shown in the report: the key params of each model and the data's provenance
+            params=("seed", "report", "baseline", "head", "finetune", "images.size", "mnist.files", "vgg16.weights"),
+        ),
+    )
+}
 
 
 def producer(path: Path) -> Stage:

@@ -154,9 +154,7 @@ def identity_columns(runs: pd.DataFrame) -> pd.DataFrame:
 def _check_known(requested: Sequence[str], known: Sequence[str], kind: str) -> None:
     unknown = [name for name in requested if name not in known]
     if unknown:
-        raise UserError(
-            f"--{kind} {unknown[0]}: no matching run has it (available: {', '.join(known) or 'none'})"
-        )
+        raise UserError(f"--{kind} {unknown[0]}: no matching run has it (available: {', '.join(known) or 'none'})")
 
 
 def runs_table(

@@ -68,9 +68,7 @@ def confusion(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np
     return confusion_matrix(labels, predicted, labels=list(range(num_classes)))
 
 
-def per_class_metrics(
-    labels: np.ndarray, predicted: np.ndarray, class_names: Sequence[str]
-) -> dict[str, dict]:
+def per_class_metrics(labels: np.ndarray, predicted: np.ndarray, class_names: Sequence[str]) -> dict[str, dict]:
     """{class name: {precision, recall, f1, support}} (scikit-learn; 0 where undefined).
 
     A class never predicted has precision 0 (not NaN), so the JSON stays valid and the
@@ -92,9 +90,7 @@ def per_class_metrics(
     }
 
 
-def score(
-    labels: np.ndarray, outputs: np.ndarray, class_names: Sequence[str], from_logits: bool = False
-) -> dict:
+def score(labels: np.ndarray, outputs: np.ndarray, class_names: Sequence[str], from_logits: bool = False) -> dict:
     """Everything evaluate.json holds for one model.
 
     In: true labels (integers or one-hot), the model's outputs on the same samples (or its

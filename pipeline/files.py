@@ -33,9 +33,7 @@ def atomic_path(target: Path, directory: bool = False) -> Iterator[Path]:
     if directory:
         temp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + target.name + ".", dir=target.parent))
     else:
-        handle, name = tempfile.mkstemp(
-            prefix=TEMP_PREFIX, suffix="." + target.name, dir=target.parent
-        )
+        handle, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix="." + target.name, dir=target.parent)
         os.close(handle)
         temp = Path(name)
     # mkdtemp/mkstemp make private (0700/0600) paths; outputs get the usual permissions.

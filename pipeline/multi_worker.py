@@ -49,9 +49,11 @@ def cluster_role(environ: Mapping[str, str] = os.environ) -> Role:
         members = cluster.get(kind, []) if kind in ("chief", "worker") else []
         workers = sum(len(cluster.get(job, [])) for job in ("chief", "worker"))
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise UserError(f"TF_CONFIG: not a cluster and task of this machine ({type(exc).__name__}: {exc}); "
-                        f"expected {{\"cluster\": {{\"worker\": [\"host:port\", ...]}}, "
-                        f"\"task\": {{\"type\": \"worker\", \"index\": 0}}}} ({HOW})") from None
+        raise UserError(
+            f"TF_CONFIG: not a cluster and task of this machine ({type(exc).__name__}: {exc}); "
+            f'expected {{"cluster": {{"worker": ["host:port", ...]}}, '
+            f'"task": {{"type": "worker", "index": 0}}}} ({HOW})'
+        ) from None
     if not 0 <= index < len(members):
         raise UserError(f"TF_CONFIG: task {kind} {index} is not in the cluster's chief or worker list ({HOW})")
     chief = kind == "chief" or (index == 0 and not cluster.get("chief"))
@@ -71,8 +73,11 @@ def strategy():
 
     role = cluster_role()  # a missing or malformed TF_CONFIG is one line, not a TensorFlow traceback
     fix_multi_worker_fit()
-    print(f"{role.task} of {role.workers} (TF_CONFIG): waiting until every worker has joined "
-          "(to give up: Ctrl-\\ or kill -9)", flush=True)
+    print(
+        f"{role.task} of {role.workers} (TF_CONFIG): waiting until every worker has joined "
+        "(to give up: Ctrl-\\ or kill -9)",
+        flush=True,
+    )
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 
@@ -93,6 +98,9 @@ def work_in_scratch(role: Role, inputs: list[Path]) -> Path:
             (scratch / path).symlink_to((project / path).resolve())
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch / 'mlflow.db'}"
     os.chdir(scratch)
-    print(f"{role.task} of {role.workers} (TF_CONFIG) trains in step with the chief, "
-          "which writes the outputs and the MLflow run; this machine keeps nothing", flush=True)
+    print(
+        f"{role.task} of {role.workers} (TF_CONFIG) trains in step with the chief, "
+        "which writes the outputs and the MLflow run; this machine keeps nothing",
+        flush=True,
+    )
     return scratch

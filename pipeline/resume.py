@@ -90,8 +90,9 @@ class EpochBackup(keras.callbacks.Callback):
         self._restored_best_weights: list | None = None
 
     @classmethod
-    def of_run(cls, run: StageRun, model, rows: list[dict], early_stopping=None,
-               root: Path = RESUME_ROOT) -> EpochBackup:
+    def of_run(
+        cls, run: StageRun, model, rows: list[dict], early_stopping=None, root: Path = RESUME_ROOT
+    ) -> EpochBackup:
         """The backup of `run`'s training of `model`: its folder is keyed by the run's params
         and data hashes and the model's architecture (`backup_key`)."""
         key = backup_key(run.params_sha256, run.data_sha256, model)
@@ -157,9 +158,9 @@ class EpochBackup(keras.callbacks.Callback):
             "epochs": epochs_done,
             "rows": self._restored_rows + self.rows,
             "stopped": bool(self.model.stop_training),
-            "early_stopping": None if es is None else {
-                name: _plain(getattr(es, name)) for name in EARLY_STOPPING_FIELDS
-            },
+            "early_stopping": None
+            if es is None
+            else {name: _plain(getattr(es, name)) for name in EARLY_STOPPING_FIELDS},
         }
         target = self.folder / f"{EPOCH_PREFIX}{epochs_done:04d}"
         with atomic_path(target, directory=True) as staging:

@@ -194,7 +194,10 @@ class StageRun:
 
 @contextlib.contextmanager
 def stage_run(
-    stage: str, params: Mapping[str, Any], inputs: list[Path], experiment: str,
+    stage: str,
+    params: Mapping[str, Any],
+    inputs: list[Path],
+    experiment: str,
     provenance: Mapping[str, Any] | None = None,
 ) -> Iterator[StageRun]:
     """An MLflow run for one stage: params logged, tags set, and an honest end status.
@@ -231,8 +234,13 @@ def stage_run(
 def tracked(stage: Stage, params: Params) -> contextlib.AbstractContextManager[StageRun]:
     """`stage_run` for a stage of the catalog: it logs and hashes the params and the inputs
     that dvc.yaml lists for it (tests/test_catalog.py holds the two together)."""
-    return stage_run(stage.name, stage.params_of(params), list(stage.data_deps), params.mlflow.experiment,
-                     stage.provenance_of(params))
+    return stage_run(
+        stage.name,
+        stage.params_of(params),
+        list(stage.data_deps),
+        params.mlflow.experiment,
+        stage.provenance_of(params),
+    )
 
 
 def process_seconds() -> float:

@@ -57,9 +57,7 @@ def _download(url: str, dest: Path, retries: int, progress: bool) -> Path:
     # Pooch's per-file INFO lines duplicate the progress bar; keep its warnings.
     pooch.get_logger().setLevel(logging.WARNING)
     base, _, name = url.rpartition("/")
-    store = pooch.create(
-        path=dest.parent, base_url=base + "/", registry={name: None}, retry_if_failed=retries
-    )
+    store = pooch.create(path=dest.parent, base_url=base + "/", registry={name: None}, retry_if_failed=retries)
     downloader = pooch.HTTPDownloader(progressbar=progress, timeout=HTTP_TIMEOUT_SECONDS)
     try:
         fetched = Path(store.fetch(name, downloader=downloader))

@@ -51,8 +51,6 @@ def parse_idx(data: bytes, name: str, rank: int | None = None) -> np.ndarray:
     expected_length = header + math.prod(dims) * dtype.itemsize
     if len(data) != expected_length:
         problem = "truncated" if len(data) < expected_length else "has trailing bytes"
-        raise IdxError(
-            f"{name}: {problem}: {len(data)} bytes, the IDX header {dims} needs {expected_length}"
-        )
+        raise IdxError(f"{name}: {problem}: {len(data)} bytes, the IDX header {dims} needs {expected_length}")
     values = np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
     return values.astype(dtype.newbyteorder("="), copy=False)

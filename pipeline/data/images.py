@@ -67,9 +67,7 @@ def extract_archive(archive: Path, dest: Path) -> None:
     elif tarfile.is_tarfile(archive):
         _extract_tar(archive, dest)
     else:
-        raise UserError(
-            f"{archive} is not a zip or tar archive, or is truncated: check images.url"
-        )
+        raise UserError(f"{archive} is not a zip or tar archive, or is truncated: check images.url")
 
 
 def _extract_zip(archive: Path, dest: Path) -> None:
@@ -140,8 +138,7 @@ def find_class_folders(root: Path) -> dict[str, list[Path]]:
         subfolders = _visible_subfolders(folder)
     if len(subfolders) < 2:
         raise UserError(
-            f"{folder} must hold one subfolder per class (at least 2), "
-            f"found {len(subfolders)}: check images.url"
+            f"{folder} must hold one subfolder per class (at least 2), found {len(subfolders)}: check images.url"
         )
     classes = {}
     for sub in sorted(subfolders, key=lambda p: p.name):

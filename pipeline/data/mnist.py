@@ -33,9 +33,7 @@ def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return to_categorical(labels, num_classes).astype(np.float32)
 
 
-def stratified_split(
-    labels: np.ndarray, validation_size: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(labels: np.ndarray, validation_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, validation): a seeded split with each class in proportion."""
     indices = np.arange(len(labels))
     if validation_size == 0:
@@ -46,9 +44,7 @@ def stratified_split(
             f"{len(labels)} training images; choose a smaller number"
         )
     try:
-        train, validation = train_test_split(
-            indices, test_size=validation_size, stratify=labels, random_state=seed
-        )
+        train, validation = train_test_split(indices, test_size=validation_size, stratify=labels, random_state=seed)
     except ValueError as exc:  # e.g. fewer validation images than classes
         raise UserError(f"mnist.validation_size: {validation_size} does not work: {exc}") from None
     return np.sort(train), np.sort(validation)

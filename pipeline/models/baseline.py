@@ -20,8 +20,12 @@ def build_baseline(input_shape: tuple[int, ...], num_classes: int, p: BaselinePa
     for i, filters in enumerate(p.conv_filters, start=1):
         stack.append(
             layers.Conv2D(
-                filters, p.kernel_size, strides=p.strides, padding=p.padding,
-                activation="relu", name=f"conv{i}",
+                filters,
+                p.kernel_size,
+                strides=p.strides,
+                padding=p.padding,
+                activation="relu",
+                name=f"conv{i}",
             )
         )
         if p.pool_size and i < len(p.conv_filters):
@@ -40,4 +44,3 @@ def build_baseline(input_shape: tuple[int, ...], num_classes: int, p: BaselinePa
             f"{input_shape[0]}x{input_shape[1]} input to nothing; "
             "use padding: same, smaller strides or fewer layers"
         ) from None
-

@@ -27,14 +27,16 @@ SPATIAL_LAYER_TYPES = (keras.layers.Conv2D, keras.layers.MaxPooling2D, keras.lay
 
 def conv_layer_names(model: keras.Model) -> list[str]:
     """The model's learned Conv2D layers, input to output (VGG16's preprocessing left out)."""
-    return [layer.name for layer in model.layers
-            if isinstance(layer, keras.layers.Conv2D) and layer.name != PREPROCESSING]
+    return [
+        layer.name for layer in model.layers if isinstance(layer, keras.layers.Conv2D) and layer.name != PREPROCESSING
+    ]
 
 
 def conv_and_pool_layer_names(model: keras.Model) -> list[str]:
     """The learned conv layers and the (max/average, not global) 2-D pooling layers, in order."""
-    return [layer.name for layer in model.layers
-            if isinstance(layer, SPATIAL_LAYER_TYPES) and layer.name != PREPROCESSING]
+    return [
+        layer.name for layer in model.layers if isinstance(layer, SPATIAL_LAYER_TYPES) and layer.name != PREPROCESSING
+    ]
 
 
 def model_input(model: keras.Model) -> Any:

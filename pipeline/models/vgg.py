@@ -70,16 +70,12 @@ def build_conv_base(weights: str | None, input_shape: tuple[int, ...]) -> keras.
             warnings.simplefilter("ignore")
             conv_base.load_weights(str(path))
     except (ValueError, OSError, KeyError) as err:
-        raise UserError(
-            f"{path} does not hold VGG16 notop weights: {_first_line(err)}"
-        ) from err
+        raise UserError(f"{path} does not hold VGG16 notop weights: {_first_line(err)}") from err
     return conv_base
 
 
 def _vgg16(weights: str | None, input_shape: tuple[int, ...]) -> keras.Model:
-    return keras.applications.VGG16(
-        include_top=False, weights=weights, input_shape=tuple(input_shape)
-    )
+    return keras.applications.VGG16(include_top=False, weights=weights, input_shape=tuple(input_shape))
 
 
 def _first_line(err: Exception) -> str:
@@ -119,9 +115,7 @@ def set_trainable_layers(conv_base: keras.Model, unfreeze: int) -> None:
         conv_base.get_layer(name).trainable = name in trainable
 
 
-def split_at_last_frozen_layer(
-    conv_base: keras.Model, unfreeze: int
-) -> tuple[keras.Model, keras.Model]:
+def split_at_last_frozen_layer(conv_base: keras.Model, unfreeze: int) -> tuple[keras.Model, keras.Model]:
     """Cut `conv_base` after `last_frozen_layer(unfreeze)` into (frozen, top).
 
     `frozen`: preprocessed images -> activation at the cut (nothing trainable).
@@ -140,9 +134,7 @@ def split_at_last_frozen_layer(
     return frozen, top
 
 
-def build_head(
-    input_shape: tuple[int, ...], num_classes: int, pooling: str, units: int, dropout: float
-) -> keras.Model:
+def build_head(input_shape: tuple[int, ...], num_classes: int, pooling: str, units: int, dropout: float) -> keras.Model:
     """The classifier on top of the conv base: pool, Dense(relu), Dropout, output.
 
     `input_shape` is the conv base's output shape (without the batch axis); `pooling` is
@@ -209,4 +201,3 @@ def standalone_copy(model: keras.Model) -> keras.Model:
 
 def _named_layers(model: keras.Model, names: tuple[str, ...]) -> list[layers.Layer]:
     return [model.get_layer(name) for name in names]
-

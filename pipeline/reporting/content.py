@@ -111,12 +111,13 @@ def model_sentence(model: ModelResult) -> str:
     training = ""
     epochs = model.training.get("epochs")
     if epochs:
-        training = (f" after {epochs} epoch{'s' if epochs != 1 else ''} of about "
-                    f"{model.training.get('seconds_per_epoch', 0):.1f} s")
+        training = (
+            f" after {epochs} epoch{'s' if epochs != 1 else ''} of about "
+            f"{model.training.get('seconds_per_epoch', 0):.1f} s"
+        )
         kept = model.training.get("kept_epoch")
         if kept == 0:
-            training += (", none of which beat its starting weights on validation loss, so it "
-                         "kept those")
+            training += ", none of which beat its starting weights on validation loss, so it kept those"
         elif kept is not None and kept != epochs:
             training += f", keeping epoch {kept}'s weights (the best validation loss)"
     return (
@@ -138,15 +139,19 @@ def transfer_sentence(models: Sequence[ModelResult]) -> str | None:
     after = by_name["fine_tuning"].evaluation["test_accuracy"]
     change = 100 * (after - before)
     verdict = "improved" if change > 0 else "did not improve"
-    return (f"Fine-tuning {verdict} on feature extraction: test accuracy {percent(before)} -> "
-            f"{percent(after)} ({change:+.1f} points) on the same test photos.")
+    return (
+        f"Fine-tuning {verdict} on feature extraction: test accuracy {percent(before)} -> "
+        f"{percent(after)} ({change:+.1f} points) on the same test photos."
+    )
 
 
 def results_section(models: Sequence[ModelResult]) -> Section:
     blocks: list[Block] = [
-        Text("Each model is scored once on its own held-out test split, which no training step "
-             "saw: the baseline on the MNIST test digits, both VGG16 models on the test photos "
-             "(raw photos into the saved model, as a user would call it)."),
+        Text(
+            "Each model is scored once on its own held-out test split, which no training step "
+            "saw: the baseline on the MNIST test digits, both VGG16 models on the test photos "
+            "(raw photos into the saved model, as a user would call it)."
+        ),
         Table(results_table(models), name="results"),
     ]
     blocks += [Text(model_sentence(model)) for model in models]
@@ -154,8 +159,10 @@ def results_section(models: Sequence[ModelResult]) -> Section:
     if transfer:
         blocks.append(Text(transfer))
     blocks += [
-        Text("Per class: precision is how often the model was right when it named the class, "
-             "recall how many of the class it found, F1 their harmonic mean."),
+        Text(
+            "Per class: precision is how often the model was right when it named the class, "
+            "recall how many of the class it found, F1 their harmonic mean."
+        ),
         Table(per_class_table(models), name="per-class"),
     ]
     return Section("Results", blocks)
@@ -165,55 +172,76 @@ def results_section(models: Sequence[ModelResult]) -> Section:
 
 
 def training_section(figures: Figures) -> Section:
-    return Section("Training curves", [
-        Text("Loss and accuracy per epoch, on the training data and on the validation data. "
-             "The circle marks the best validation epoch. Training accuracy far above "
-             "validation accuracy means the model memorises its training data (overfitting)."),
-        *figures.curves,
-    ])
+    return Section(
+        "Training curves",
+        [
+            Text(
+                "Loss and accuracy per epoch, on the training data and on the validation data. "
+                "The circle marks the best validation epoch. Training accuracy far above "
+                "validation accuracy means the model memorises its training data (overfitting)."
+            ),
+            *figures.curves,
+        ],
+    )
 
 
 def evaluation_section(figures: Figures) -> Section:
-    return Section("Confusion matrices and mistakes", [
-        Text("Rows are the true classes and columns the predicted ones; the diagonal holds the "
-             "correct predictions, every other cell a kind of mistake. Below each matrix are "
-             "test examples the model got wrong, with the true and the predicted class."),
-        *figures.evaluation,
-        Text("Grad-CAM heat maps show where in a photo the fine-tuned model found the evidence "
-             "for the class it predicted (red: most evidence). On a good prediction the heat "
-             "sits on the animal; on a mistake it often sits on something else."),
-        *figures.gradcam,
-    ])
+    return Section(
+        "Confusion matrices and mistakes",
+        [
+            Text(
+                "Rows are the true classes and columns the predicted ones; the diagonal holds the "
+                "correct predictions, every other cell a kind of mistake. Below each matrix are "
+                "test examples the model got wrong, with the true and the predicted class."
+            ),
+            *figures.evaluation,
+            Text(
+                "Grad-CAM heat maps show where in a photo the fine-tuned model found the evidence "
+                "for the class it predicted (red: most evidence). On a good prediction the heat "
+                "sits on the animal; on a mistake it often sits on something else."
+            ),
+            *figures.gradcam,
+        ],
+    )
 
 
 def filters_section(figures: Figures) -> Section:
-    return Section("What the filters respond to", [
-        Text("A convolution slides a small grid of weights (a filter, or kernel) over the image "
-             "and writes the weighted sum at each position. Classic image processing uses "
-             "hand-made filters: a Gaussian blur averages neighbouring pixels, and the two Sobel "
-             "filters respond to brightness changing from left to right (vertical edges) or "
-             "from top to bottom (horizontal edges). A network learns its own. Each row shows a "
-             "hand-made filter and its output next to the learned first-layer filter most like "
-             "it and that filter's output, computed with the same convolution."),
-        *figures.classic,
-        Text("Filter patterns: for the first filters of each layer, an image was optimised by "
-             "gradient ascent to make that filter respond as strongly as possible. First layers "
-             "respond to colours, edges and stripes; deeper layers to textures and repeated "
-             "shapes built out of those."),
-        *figures.patterns,
-        Text("Activation maps: what each conv and pooling layer outputs for one test image, one "
-             "panel per channel (bright = strong response). Early maps still look like the "
-             "image; deeper maps are smaller and more abstract, and many channels stay dark "
-             "because their pattern is not in this image."),
-        *figures.activations,
-    ])
+    return Section(
+        "What the filters respond to",
+        [
+            Text(
+                "A convolution slides a small grid of weights (a filter, or kernel) over the image "
+                "and writes the weighted sum at each position. Classic image processing uses "
+                "hand-made filters: a Gaussian blur averages neighbouring pixels, and the two Sobel "
+                "filters respond to brightness changing from left to right (vertical edges) or "
+                "from top to bottom (horizontal edges). A network learns its own. Each row shows a "
+                "hand-made filter and its output next to the learned first-layer filter most like "
+                "it and that filter's output, computed with the same convolution."
+            ),
+            *figures.classic,
+            Text(
+                "Filter patterns: for the first filters of each layer, an image was optimised by "
+                "gradient ascent to make that filter respond as strongly as possible. First layers "
+                "respond to colours, edges and stripes; deeper layers to textures and repeated "
+                "shapes built out of those."
+            ),
+            *figures.patterns,
+            Text(
+                "Activation maps: what each conv and pooling layer outputs for one test image, one "
+                "panel per channel (bright = strong response). Early maps still look like the "
+                "image; deeper maps are smaller and more abstract, and many channels stay dark "
+                "because their pattern is not in this image."
+            ),
+            *figures.activations,
+        ],
+    )
 
 
 # ---------------------------------------------------------------------------- models
 
 
 def shape_walk(shapes: Sequence[tuple[str, tuple]]) -> str:
-    """"input 28x28x1 -> conv1 26x26x32 -> ..." for the spatial layers of a model."""
+    """ "input 28x28x1 -> conv1 26x26x32 -> ..." for the spatial layers of a model."""
     steps = []
     for name, shape in shapes:
         dims = [d for d in shape if d is not None]
@@ -223,19 +251,24 @@ def shape_walk(shapes: Sequence[tuple[str, tuple]]) -> str:
 
 def models_section(models: Sequence[ModelResult]) -> Section:
     blocks: list[Block] = [
-        Text("How the layers change the shape of the data. A k x k convolution with padding "
-             "'valid' only visits positions where the whole kernel fits, so it trims k - 1 "
-             "pixels off each dimension (28 -> 26 for k = 3); padding 'same' adds a border so "
-             "the size stays; a stride of s moves the kernel s pixels at a time and divides the "
-             "size by s; a 2 x 2 max pooling keeps the largest value of each 2 x 2 block and "
-             "halves the size (rounding down). The channel count is the number of filters."),
+        Text(
+            "How the layers change the shape of the data. A k x k convolution with padding "
+            "'valid' only visits positions where the whole kernel fits, so it trims k - 1 "
+            "pixels off each dimension (28 -> 26 for k = 3); padding 'same' adds a border so "
+            "the size stays; a stride of s moves the kernel s pixels at a time and divides the "
+            "size by s; a 2 x 2 max pooling keeps the largest value of each 2 x 2 block and "
+            "halves the size (rounding down). The channel count is the number of filters."
+        ),
     ]
     for model in models:
         if model.shapes:
             blocks.append(Text(f"{model.title}: {shape_walk(model.shapes)}."))
     for model in models:
-        blocks.append(Preformatted(model.summary, caption=f"{model.title}: Keras summary "
-                                   "(output shape and parameters of every layer)"))
+        blocks.append(
+            Preformatted(
+                model.summary, caption=f"{model.title}: Keras summary (output shape and parameters of every layer)"
+            )
+        )
     return Section("Models: layers and output shapes", blocks)
 
 
@@ -254,34 +287,44 @@ def provenance_section(provenance: dict) -> Section:
     mnist = provenance.get("mnist")
     if mnist:
         files = pd.DataFrame(
-            [{"file": f["name"], "sha256 (decompressed)": f["sha256"] or "not checked"}
-             for f in mnist["files"].values()]
+            [
+                {"file": f["name"], "sha256 (decompressed)": f["sha256"] or "not checked"}
+                for f in mnist["files"].values()
+            ]
         )
         splits = ", ".join(f"{split} {count}" for split, count in mnist.get("splits", {}).items())
         blocks += [
-            Text("MNIST digits: each file is checked against the sha256 of its decompressed bytes, "
-                 f"so any mirror that serves them gives the same data. Samples per split: {splits}."),
+            Text(
+                "MNIST digits: each file is checked against the sha256 of its decompressed bytes, "
+                f"so any mirror that serves them gives the same data. Samples per split: {splits}."
+            ),
             Table(files, name="mnist-files"),
         ]
     images = provenance.get("images")
     if images:
         kept = ", ".join(f"{name} {count}" for name, count in images.get("kept", {}).items())
         reasons = ", ".join(f"{count} {why}" for why, count in images.get("skipped_by_reason", {}).items())
-        blocks.append(Text(
-            f"Photos from {images['url']} (archive sha256: {images.get('sha256') or 'not checked'}). "
-            f"Decodable photos kept per class: {kept}. Skipped: {images.get('skipped', 0)}"
-            f"{' (' + reasons + ')' if reasons else ''}. Resized to {images.get('size')} x "
-            f"{images.get('size')} pixels."))
+        blocks.append(
+            Text(
+                f"Photos from {images['url']} (archive sha256: {images.get('sha256') or 'not checked'}). "
+                f"Decodable photos kept per class: {kept}. Skipped: {images.get('skipped', 0)}"
+                f"{' (' + reasons + ')' if reasons else ''}. Resized to {images.get('size')} x "
+                f"{images.get('size')} pixels."
+            )
+        )
         if images.get("splits"):
-            blocks.append(Table(pd.DataFrame(images["splits"]).rename_axis("class").reset_index(),
-                                name="image-splits"))
+            blocks.append(Table(pd.DataFrame(images["splits"]).rename_axis("class").reset_index(), name="image-splits"))
         examples = images.get("skipped_examples") or []
         if examples:
             blocks.append(Bullets([f"skipped {e['file']}: {e['reason']}" for e in examples]))
     weights = provenance.get("weights")
     if weights:
-        blocks.append(Text(f"VGG16 ImageNet weights (convolutional base) from {weights['source']}, "
-                           f"file sha256 {weights.get('sha256') or 'unknown'}."))
+        blocks.append(
+            Text(
+                f"VGG16 ImageNet weights (convolutional base) from {weights['source']}, "
+                f"file sha256 {weights.get('sha256') or 'unknown'}."
+            )
+        )
     return Section("Data", blocks or [Text("No provenance recorded.")])
 
 
@@ -290,11 +333,13 @@ def provenance_section(provenance: dict) -> Section:
 
 def timings_section(timings: pd.DataFrame, visualize_seconds: dict[str, float]) -> Section:
     blocks: list[Block] = [
-        Text("How long each stage took: `seconds` is its MLflow run's wall time (the stage's work), "
-             "`process seconds` runs from the start of the stage's process (TensorFlow's and "
-             "MLflow's imports included) to the run's end. The run is the one named in the "
-             "stage's metrics file, else the stage's newest finished run (a stage that DVC found "
-             "up to date shows the run that last produced its outputs)."),
+        Text(
+            "How long each stage took: `seconds` is its MLflow run's wall time (the stage's work), "
+            "`process seconds` runs from the start of the stage's process (TensorFlow's and "
+            "MLflow's imports included) to the run's end. The run is the one named in the "
+            "stage's metrics file, else the stage's newest finished run (a stage that DVC found "
+            "up to date shows the run that last produced its outputs)."
+        ),
     ]
     if timings.empty:
         blocks.append(Text("No MLflow runs found."))
@@ -312,12 +357,15 @@ def timings_section(timings: pd.DataFrame, visualize_seconds: dict[str, float]) 
 
 def comparison_section(earlier: pd.DataFrame) -> Section:
     blocks: list[Block] = [
-        Text("Each training stage's run in this report against the best run of that stage in "
-             "the MLflow experiment (by test accuracy), with the params in which they differ. "
-             "`pipeline compare` shows any selection of runs side by side."),
+        Text(
+            "Each training stage's run in this report against the best run of that stage in "
+            "the MLflow experiment (by test accuracy), with the params in which they differ. "
+            "`pipeline compare` shows any selection of runs side by side."
+        ),
     ]
-    blocks.append(Table(earlier, name="earlier-runs") if not earlier.empty
-                  else Text("No earlier runs to compare with."))
+    blocks.append(
+        Table(earlier, name="earlier-runs") if not earlier.empty else Text("No earlier runs to compare with.")
+    )
     return Section("Comparison with earlier runs", blocks)
 
 
@@ -325,8 +373,10 @@ def build_report(inputs: ReportInputs) -> Report:
     """The whole report, section by section."""
     return Report(
         title="Image classification: results",
-        intro=(f"An MNIST convnet and VGG16 transfer learning on photos, trained, evaluated and "
-               f"visualised by the pipeline. {inputs.generated}"),
+        intro=(
+            f"An MNIST convnet and VGG16 transfer learning on photos, trained, evaluated and "
+            f"visualised by the pipeline. {inputs.generated}"
+        ),
         sections=[
             results_section(inputs.models),
             training_section(inputs.figures),

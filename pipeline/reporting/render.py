@@ -12,7 +12,6 @@ import base64
 import html
 import re
 from dataclasses import dataclass, field
-from typing import Union
 
 import pandas as pd
 
@@ -58,7 +57,7 @@ class Preformatted:
     caption: str = ""
 
 
-Block = Union[Text, Bullets, Table, Picture, Preformatted]
+Block = Text | Bullets | Table | Picture | Preformatted
 
 
 @dataclass
@@ -151,8 +150,7 @@ def _html_block(block: Block) -> str:
         return table.replace("<table", f'<table id="{block.name}"', 1) if block.name else table
     if isinstance(block, Picture):
         caption = html.escape(block.caption)
-        return (f'<figure><img src="{data_uri(block.png)}" alt="{caption}">'
-                f"<figcaption>{caption}</figcaption></figure>")
+        return f'<figure><img src="{data_uri(block.png)}" alt="{caption}"><figcaption>{caption}</figcaption></figure>'
     if isinstance(block, Preformatted):
         caption = f"<p>{html.escape(block.caption)}</p>" if block.caption else ""
         return f"{caption}<pre>{html.escape(block.text.rstrip())}</pre>"
@@ -163,8 +161,7 @@ def to_html(report: Report) -> str:
     """The report as one self-contained HTML page (inline CSS, pictures as data URIs)."""
     title = html.escape(report.title)
     toc = "".join(
-        f'<li><a href="#{anchor(section.title)}">{html.escape(section.title)}</a></li>'
-        for section in report.sections
+        f'<li><a href="#{anchor(section.title)}">{html.escape(section.title)}</a></li>' for section in report.sections
     )
     body = [f"<h1>{title}</h1>", f"<p>{html.escape(report.intro)}</p>", f"<nav><ul>{toc}</ul></nav>"]
     for section in report.sections:

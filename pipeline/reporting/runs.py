@@ -46,18 +46,20 @@ def timings_table(runs: pd.DataFrame, stages: Sequence[str], run_ids: Mapping[st
     frame = pd.DataFrame(rows)
     identity = identity_columns(frame)
     process = frame.get("metrics.process_seconds", pd.Series(float("nan"), index=frame.index))
-    return pd.DataFrame({
-        "stage": identity["stage"].to_numpy(),
-        "run": identity["run_id"].str[:SHORT_ID].to_numpy(),
-        "status": identity["status"].to_numpy(),
-        "started": identity["started"].to_numpy(),
-        "seconds": identity["seconds"].to_numpy(),
-        "process seconds": pd.to_numeric(process, errors="coerce").round(1).to_numpy(),
-    })
+    return pd.DataFrame(
+        {
+            "stage": identity["stage"].to_numpy(),
+            "run": identity["run_id"].str[:SHORT_ID].to_numpy(),
+            "status": identity["status"].to_numpy(),
+            "started": identity["started"].to_numpy(),
+            "seconds": identity["seconds"].to_numpy(),
+            "process seconds": pd.to_numeric(process, errors="coerce").round(1).to_numpy(),
+        }
+    )
 
 
 def param_differences(this: pd.Series, other: pd.Series) -> list[str]:
-    """"name: this value -> other value" for each param the two runs set differently."""
+    """ "name: this value -> other value" for each param the two runs set differently."""
     names = sorted({name for name in names_with_prefix(pd.DataFrame([this, other]), "params.")})
     differences = []
     for name in names:
@@ -69,8 +71,9 @@ def param_differences(this: pd.Series, other: pd.Series) -> list[str]:
     return differences
 
 
-def best_runs_table(runs: pd.DataFrame, stages: Sequence[str], run_ids: Mapping[str, str],
-                    metric: str = "test_accuracy") -> pd.DataFrame:
+def best_runs_table(
+    runs: pd.DataFrame, stages: Sequence[str], run_ids: Mapping[str, str], metric: str = "test_accuracy"
+) -> pd.DataFrame:
     """Per stage: this run's `metric`, the best finished run's, and the params that differ.
 
     Stages with no finished run carrying `metric` are left out.
@@ -89,14 +92,16 @@ def best_runs_table(runs: pd.DataFrame, stages: Sequence[str], run_ids: Mapping[
         same = best["run_id"] == this["run_id"]
         differences = param_differences(this, best)
         best_exp = best.get("tags.dvc.exp_name")
-        rows.append({
-            "stage": stage,
-            "runs": len(scored),
-            "this run": this["run_id"][:SHORT_ID],
-            f"this {metric}": round(float(this.get(column)), 4) if pd.notna(this.get(column)) else None,
-            "best run": "this run" if same else best["run_id"][:SHORT_ID],
-            f"best {metric}": round(float(best[column]), 4),
-            "best run's DVC experiment": "" if pd.isna(best_exp) else best_exp,
-            "params that differ (this -> best)": "" if same else ("; ".join(differences) or "none"),
-        })
+        rows.append(
+            {
+                "stage": stage,
+                "runs": len(scored),
+                "this run": this["run_id"][:SHORT_ID],
+                f"this {metric}": round(float(this.get(column)), 4) if pd.notna(this.get(column)) else None,
+                "best run": "this run" if same else best["run_id"][:SHORT_ID],
+                f"best {metric}": round(float(best[column]), 4),
+                "best run's DVC experiment": "" if pd.isna(best_exp) else best_exp,
+                "params that differ (this -> best)": "" if same else ("; ".join(differences) or "none"),
+            }
+        )
     return pd.DataFrame(rows)

@@ -41,13 +41,13 @@ def classic_vs_learned(model, image: np.ndarray, p: ClassicFilterParams) -> Figu
     return classic_vs_learned_figure(image, kernels, filtered, learned_kernels, learned_maps, first)
 
 
-def patterns(model, layer_names: list[str], p: PatternParams, size: int,
-             value_range: tuple[float, float], seed: int, title: str) -> Figure:
+def patterns(
+    model, layer_names: list[str], p: PatternParams, size: int, value_range: tuple[float, float], seed: int, title: str
+) -> Figure:
     """Gradient-ascent patterns of the first `p.filters_per_layer` filters of each layer."""
     from pipeline.viz.patterns import filter_patterns, patterns_figure
 
-    found = filter_patterns(model, layer_names, p.filters_per_layer, p.steps, p.learning_rate, size,
-                            value_range, seed)
+    found = filter_patterns(model, layer_names, p.filters_per_layer, p.steps, p.learning_rate, size, value_range, seed)
     return patterns_figure(found, title)
 
 
@@ -60,9 +60,18 @@ def activations(model, image: np.ndarray, max_channels: int) -> dict[str, Figure
     return activation_maps_figures(maps, max_channels)
 
 
-def filter_pictures(model, image: np.ndarray, pattern_layers: list[str], classic: ClassicFilterParams,
-                    pattern_params: PatternParams, pattern_size: int, value_range: tuple[float, float],
-                    max_channels: int, seed: int, title: str) -> FilterPictures:
+def filter_pictures(
+    model,
+    image: np.ndarray,
+    pattern_layers: list[str],
+    classic: ClassicFilterParams,
+    pattern_params: PatternParams,
+    pattern_size: int,
+    value_range: tuple[float, float],
+    max_channels: int,
+    seed: int,
+    title: str,
+) -> FilterPictures:
     """All three kinds of filter pictures for one model and one test image, as PNGs, timed."""
     from pipeline.viz.common import figure_to_png_bytes
 
@@ -71,15 +80,16 @@ def filter_pictures(model, image: np.ndarray, pattern_layers: list[str], classic
     classic_png = figure_to_png_bytes(classic_vs_learned(model, image, classic))
     seconds["classic"] = time.perf_counter() - started
     started = time.perf_counter()
-    pattern_title = (f"{title}: filter patterns ({pattern_params.steps} ascent steps, "
-                     f"{pattern_size}x{pattern_size} px)")
+    pattern_title = f"{title}: filter patterns ({pattern_params.steps} ascent steps, {pattern_size}x{pattern_size} px)"
     patterns_png = figure_to_png_bytes(
         patterns(model, pattern_layers, pattern_params, pattern_size, value_range, seed, pattern_title)
     )
     seconds["patterns"] = time.perf_counter() - started
     started = time.perf_counter()
-    activation_pngs = {layer: figure_to_png_bytes(figure)
-                       for layer, figure in activations(model, image, max_channels).items()}
+    activation_pngs = {
+        layer: figure_to_png_bytes(figure) for layer, figure in activations(model, image, max_channels).items()
+    }
     seconds["activations"] = time.perf_counter() - started
-    return FilterPictures(classic_png, patterns_png, activation_pngs,
-                          {key: round(value, 2) for key, value in seconds.items()})
+    return FilterPictures(
+        classic_png, patterns_png, activation_pngs, {key: round(value, 2) for key, value in seconds.items()}
+    )

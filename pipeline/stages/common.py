@@ -155,13 +155,15 @@ def fit(
             logger.log_restored(restored_rows)
         callbacks.append(backup)  # after EarlyStopping: it saves the state that one has updated
     if mlflow.active_run() is not None:  # what the params' per-replica batch sizes came to
-        mlflow.log_params({"train.replicas": model.distribute_strategy.num_replicas_in_sync,
-                           "train.global_batch_size": batch_size})
+        mlflow.log_params(
+            {"train.replicas": model.distribute_strategy.num_replicas_in_sync, "train.global_batch_size": batch_size}
+        )
     has_validation = validation is not None and len(validation[0]) > 0
     started = time.perf_counter()
     model.fit(
-        **fit_inputs(train, validation if has_validation else None, batch_size, tf_data, epochs, initial_epoch,
-                     shuffle_seed),
+        **fit_inputs(
+            train, validation if has_validation else None, batch_size, tf_data, epochs, initial_epoch, shuffle_seed
+        ),
         epochs=epochs,
         callbacks=callbacks,
         verbose=progress_mode(),
@@ -221,9 +223,12 @@ def fit_inputs(
         keys = tf.random.stateless_uniform([count], seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
         return tf.data.Dataset.from_tensor_slices(tf.argsort(keys)).batch(batch_size)
 
-    stream = (tf.data.Dataset.range(initial_epoch, epochs).flat_map(epoch_batches)
-              .map(lambda rows: (tf.gather(x, rows), tf.gather(y, rows)))
-              .prefetch(tf.data.AUTOTUNE))
+    stream = (
+        tf.data.Dataset.range(initial_epoch, epochs)
+        .flat_map(epoch_batches)
+        .map(lambda rows: (tf.gather(x, rows), tf.gather(y, rows)))
+        .prefetch(tf.data.AUTOTUNE)
+    )
     checked = None
     if validation:
         checked = tf.data.Dataset.from_tensor_slices(validation).batch(batch_size).prefetch(tf.data.AUTOTUNE)

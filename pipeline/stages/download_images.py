@@ -40,8 +40,9 @@ def fetch_archive(p: ImagesParams, scratch: Path) -> Path:
     except DownloadError as exc:
         raise UserError(f"images.url: {exc}; check the URL or use a local copy") from None
     if p.sha256:
-        check_sha256(archive, p.sha256, archive.name, "images.sha256",
-                     "; the download is damaged or not the expected archive")
+        check_sha256(
+            archive, p.sha256, archive.name, "images.sha256", "; the download is damaged or not the expected archive"
+        )
     return archive
 
 

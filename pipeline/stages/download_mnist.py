@@ -20,9 +20,7 @@ OUT = catalog.MNIST_RAW
 RANKS = {"train_images": 3, "train_labels": 1, "test_images": 3, "test_labels": 1}
 
 
-def fetch_checked(
-    key: str, remote: RemoteFile, mirrors: list[str], dest: Path, retries: int
-) -> None:
+def fetch_checked(key: str, remote: RemoteFile, mirrors: list[str], dest: Path, retries: int) -> None:
     """Try each mirror in turn until one gives a file that passes every check."""
     failures: list[str] = []
     download = dest.with_name(dest.name + ".download")

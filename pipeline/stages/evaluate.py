@@ -119,8 +119,7 @@ def gradcam_figure_for(model, evaluated: Evaluated, p: EvaluateParams):
         for i, conf in zip(chosen, confidence)
     ]
     figure = gradcam_figure(images, heatmaps, titles)
-    figure.suptitle(f"Grad-CAM at {p.gradcam.layer}: where the fine-tuned model saw its predicted class",
-                    fontsize=10)
+    figure.suptitle(f"Grad-CAM at {p.gradcam.layer}: where the fine-tuned model saw its predicted class", fontsize=10)
     return figure
 
 
@@ -215,5 +214,7 @@ def run(params_file: Path) -> None:
         mlflow.log_artifacts(str(PLOTS), artifact_path="plots")
         mlflow.log_artifact(str(METRICS))
     for name, result in results.items():
-        print(f"{name}: test accuracy {result['test_accuracy']:.4f}, loss {result['test_loss']:.4f} "
-              f"on {result['test_samples']} samples")
+        print(
+            f"{name}: test accuracy {result['test_accuracy']:.4f}, loss {result['test_loss']:.4f} "
+            f"on {result['test_samples']} samples"
+        )

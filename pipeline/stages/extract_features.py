@@ -41,7 +41,11 @@ def feature_extractor(weights: str | None, image_shape: tuple[int, int, int], un
 
 
 def extract(
-    extractor, images: np.ndarray, batch_size: int, frozen_out: Path, pooled_out: Path,
+    extractor,
+    images: np.ndarray,
+    batch_size: int,
+    frozen_out: Path,
+    pooled_out: Path,
     mirrored: bool = False,
 ) -> None:
     """Run `extractor` over `images` in batches, writing both outputs as .npy memory maps.
@@ -84,8 +88,14 @@ def run(params_file: Path) -> None:
         with atomic_path(OUT, directory=True) as staging:
             for split, (images, labels) in splits.items():
                 mirrored = split == "train" and params.features.mirror_train
-                extract(extractor, images, params.features.batch_size,
-                        staging / f"{split}_frozen.npy", staging / f"{split}_pooled.npy", mirrored)
+                extract(
+                    extractor,
+                    images,
+                    params.features.batch_size,
+                    staging / f"{split}_frozen.npy",
+                    staging / f"{split}_pooled.npy",
+                    mirrored,
+                )
                 np.save(staging / f"{split}_labels.npy", np.concatenate([labels, labels]) if mirrored else labels)
                 photos += len(images) * (2 if mirrored else 1)
             (staging / "class_names.json").write_text(json.dumps(class_names) + "\n")

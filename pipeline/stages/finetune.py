@@ -43,8 +43,13 @@ def augmentation(seed: int):
 
 
 def finetune(
-    head_model: Path, features: Splits, photos: Splits, num_classes: int, params: Params,
-    distribution: Distribution | None = None, run: StageRun | None = None,
+    head_model: Path,
+    features: Splits,
+    photos: Splits,
+    num_classes: int,
+    params: Params,
+    distribution: Distribution | None = None,
+    run: StageRun | None = None,
 ) -> Trained:
     """Fine-tune the trained head in `head_model` with VGG16's top `finetune.unfreeze` conv
     layers (the weights of catalog.WEIGHTS), on the cached `features` ({split: (activations
@@ -54,7 +59,12 @@ def finetune(
     import keras
 
     from pipeline.models.optimizer import make_optimizer
-    from pipeline.models.vgg import assemble_classifier, build_conv_base, build_finetune_model, split_at_last_frozen_layer
+    from pipeline.models.vgg import (
+        assemble_classifier,
+        build_conv_base,
+        build_finetune_model,
+        split_at_last_frozen_layer,
+    )
 
     p = params.finetune
     scope, replicas = distribution or distribution_scope(params.train)
@@ -73,13 +83,24 @@ def finetune(
         else:
             model = build_finetune_model(top, head)
             splits = features
-        model.compile(optimizer=make_optimizer(p.optimizer, p.learning_rate),
-                      loss=loss_for(num_classes), metrics=["accuracy"])
-    result = fit(model, splits["train"], splits["validation"], p.epochs, p.batch_size * replicas,
-                 p.early_stopping_patience, params.train.tf_data, params.seed, run=run)
+        model.compile(
+            optimizer=make_optimizer(p.optimizer, p.learning_rate), loss=loss_for(num_classes), metrics=["accuracy"]
+        )
+    result = fit(
+        model,
+        splits["train"],
+        splits["validation"],
+        p.epochs,
+        p.batch_size * replicas,
+        p.early_stopping_patience,
+        params.train.tf_data,
+        params.seed,
+        run=run,
+    )
     test_loss, test_accuracy = model.evaluate(*splits["test"], batch_size=64, verbose=0)
-    return Trained(model=model, fit=result, test_loss=float(test_loss), test_accuracy=float(test_accuracy),
-                   saved_model=classifier)
+    return Trained(
+        model=model, fit=result, test_loss=float(test_loss), test_accuracy=float(test_accuracy), saved_model=classifier
+    )
 
 
 def run(params_file: Path) -> None:

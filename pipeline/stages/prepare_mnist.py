@@ -39,9 +39,7 @@ def prepare_mnist(
     """Raw uint8 images and integer labels -> the arrays of mnist.npz."""
     (train_images, train_labels), (test_images, test_labels) = train, test
     if train_images.shape[1:] != test_images.shape[1:]:
-        raise UserError(
-            f"train images are {train_images.shape[1:]} but test images {test_images.shape[1:]}"
-        )
+        raise UserError(f"train images are {train_images.shape[1:]} but test images {test_images.shape[1:]}")
     num_classes = int(train_labels.max()) + 1
     if test_labels.max() >= num_classes:
         raise UserError(f"test labels reach {test_labels.max()}, training labels only {num_classes - 1}")

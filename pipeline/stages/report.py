@@ -49,16 +49,37 @@ def key_params(name: str, params: Params) -> dict[str, object]:
     """The params that define each model, for the results table."""
     if name == "baseline":
         b = params.baseline
-        return {"conv_filters": b.conv_filters, "kernel": b.kernel_size, "padding": b.padding,
-                "strides": b.strides, "pool": b.pool_size, "dense": b.dense_units, "dropout": b.dropout,
-                "optimizer": b.optimizer, "lr": b.learning_rate, "batch": b.batch_size}
+        return {
+            "conv_filters": b.conv_filters,
+            "kernel": b.kernel_size,
+            "padding": b.padding,
+            "strides": b.strides,
+            "pool": b.pool_size,
+            "dense": b.dense_units,
+            "dropout": b.dropout,
+            "optimizer": b.optimizer,
+            "lr": b.learning_rate,
+            "batch": b.batch_size,
+        }
     if name == "feature_extraction":
         h = params.head
-        return {"pooling": h.pooling, "units": h.units, "dropout": h.dropout, "optimizer": h.optimizer,
-                "lr": h.learning_rate, "batch": h.batch_size, "image size": params.images.size}
+        return {
+            "pooling": h.pooling,
+            "units": h.units,
+            "dropout": h.dropout,
+            "optimizer": h.optimizer,
+            "lr": h.learning_rate,
+            "batch": h.batch_size,
+            "image size": params.images.size,
+        }
     f = params.finetune
-    return {"unfreeze": f.unfreeze, "optimizer": f.optimizer, "lr": f.learning_rate,
-            "batch": f.batch_size, "augment": f.augment}
+    return {
+        "unfreeze": f.unfreeze,
+        "optimizer": f.optimizer,
+        "lr": f.learning_rate,
+        "batch": f.batch_size,
+        "augment": f.augment,
+    }
 
 
 def spatial_shapes(model) -> list[tuple[str, tuple]]:
@@ -73,14 +94,18 @@ def spatial_shapes(model) -> list[tuple[str, tuple]]:
 def model_results(params: Params, evaluation: dict, models: dict) -> list[ModelResult]:
     results = []
     for name, trained in MODELS.items():
-        results.append(ModelResult(
-            name=name, title=TITLES[name][0], data=TITLES[name][1],
-            training=json.loads(trained.metrics.read_text()),
-            evaluation=evaluation[name],
-            key_params=key_params(name, params),
-            summary=(trained.plots / "summary.txt").read_text(encoding="utf-8"),
-            shapes=spatial_shapes(models[name]),
-        ))
+        results.append(
+            ModelResult(
+                name=name,
+                title=TITLES[name][0],
+                data=TITLES[name][1],
+                training=json.loads(trained.metrics.read_text()),
+                evaluation=evaluation[name],
+                key_params=key_params(name, params),
+                summary=(trained.plots / "summary.txt").read_text(encoding="utf-8"),
+                shapes=spatial_shapes(models[name]),
+            )
+        )
     return results
 
 
@@ -111,19 +136,47 @@ def draw_filters(params: Params, models: dict) -> tuple[Figures, dict[str, float
     figures = Figures()
     seconds: dict[str, float] = {}
     targets = [
-        ("baseline", TITLES["baseline"][0], test_image(MNIST, p.image_index),
-         conv_layer_names(models["baseline"]), p.patterns.baseline_size, (0.0, 1.0)),
-        ("fine_tuning", TITLES["fine_tuning"][0], test_image(IMAGES, p.image_index),
-         first_conv_of_each_block(models["fine_tuning"]), p.patterns.vgg_size, (0.0, 255.0)),
+        (
+            "baseline",
+            TITLES["baseline"][0],
+            test_image(MNIST, p.image_index),
+            conv_layer_names(models["baseline"]),
+            p.patterns.baseline_size,
+            (0.0, 1.0),
+        ),
+        (
+            "fine_tuning",
+            TITLES["fine_tuning"][0],
+            test_image(IMAGES, p.image_index),
+            first_conv_of_each_block(models["fine_tuning"]),
+            p.patterns.vgg_size,
+            (0.0, 255.0),
+        ),
     ]
     for name, title, image, layers, size, value_range in targets:
-        drawn = filter_pictures(models[name], image, layers, p.classic, p.patterns, size, value_range,
-                                p.activation_channels, params.seed, title)
+        drawn = filter_pictures(
+            models[name],
+            image,
+            layers,
+            p.classic,
+            p.patterns,
+            size,
+            value_range,
+            p.activation_channels,
+            params.seed,
+            title,
+        )
         seconds.update({f"{name}.{kind}": value for kind, value in drawn.seconds.items()})
-        figures.classic.append(Picture(f"classic_{name}.png", drawn.classic,
-                                       f"{title}: hand-made filters vs learned first-layer filters"))
-        figures.patterns.append(Picture(f"patterns_{name}.png", drawn.patterns,
-                                        f"{title}: what the first filters of {', '.join(layers)} respond to"))
+        figures.classic.append(
+            Picture(f"classic_{name}.png", drawn.classic, f"{title}: hand-made filters vs learned first-layer filters")
+        )
+        figures.patterns.append(
+            Picture(
+                f"patterns_{name}.png",
+                drawn.patterns,
+                f"{title}: what the first filters of {', '.join(layers)} respond to",
+            )
+        )
         for layer, png in drawn.activations.items():
             caption = f"{title}: activations of {layer} for test image {p.image_index}"
             figures.activations.append(Picture(f"activations_{name}_{layer}.png", png, caption))
@@ -134,12 +187,13 @@ def stage_figures(figures: Figures) -> None:
     """Add the pictures the training and evaluate stages already drew."""
     for name, trained in MODELS.items():
         title = TITLES[name][0]
-        figures.curves.append(picture(trained.plots / "curves.png", f"{title}: training curves",
-                                      f"curves_{name}.png"))
-        figures.evaluation.append(picture(EVALUATE_PLOTS / f"confusion_{name}.png",
-                                          f"{title}: confusion matrix"))
-        figures.evaluation.append(picture(EVALUATE_PLOTS / f"misclassified_{name}.png",
-                                          f"{title}: misclassified test examples (true / predicted)"))
+        figures.curves.append(picture(trained.plots / "curves.png", f"{title}: training curves", f"curves_{name}.png"))
+        figures.evaluation.append(picture(EVALUATE_PLOTS / f"confusion_{name}.png", f"{title}: confusion matrix"))
+        figures.evaluation.append(
+            picture(
+                EVALUATE_PLOTS / f"misclassified_{name}.png", f"{title}: misclassified test examples (true / predicted)"
+            )
+        )
     for path in sorted(EVALUATE_PLOTS.glob("gradcam_*.png")):
         figures.gradcam.append(picture(path, "Grad-CAM heat maps of the fine-tuned model on test photos"))
 
@@ -160,11 +214,14 @@ def provenance(params: Params) -> dict:
     source = downloaded.get("source", {})
     return {
         "mnist": {"files": params.mnist.files.model_dump(), "splits": mnist_splits},
-        "images": {**downloaded, "url": source.get("url", params.images.url),
-                   "sha256": source.get("sha256", params.images.sha256),
-                   "size": params.images.size, "splits": image_splits},
-        "weights": {"source": params.vgg16.weights,
-                    "sha256": sha256_file(WEIGHTS) if WEIGHTS.exists() else None},
+        "images": {
+            **downloaded,
+            "url": source.get("url", params.images.url),
+            "sha256": source.get("sha256", params.images.sha256),
+            "size": params.images.size,
+            "splits": image_splits,
+        },
+        "weights": {"source": params.vgg16.weights, "sha256": sha256_file(WEIGHTS) if WEIGHTS.exists() else None},
     }
 
 
@@ -183,8 +240,9 @@ def mlflow_tables(experiment: str, run_ids: dict[str, str]) -> tuple[pd.DataFram
 
 def mlflow_run_ids(evaluation: dict) -> dict[str, str]:
     """{stage: the MLflow run whose outputs the report shows}, from the metrics files."""
-    run_ids = {trained.stage: json.loads(trained.metrics.read_text()).get("mlflow_run_id")
-               for trained in MODELS.values()}
+    run_ids = {
+        trained.stage: json.loads(trained.metrics.read_text()).get("mlflow_run_id") for trained in MODELS.values()
+    }
     run_ids["evaluate"] = next(iter(evaluation.values())).get("mlflow_run_id")
     return run_ids
 
@@ -216,11 +274,17 @@ def make_report(params: Params, active_run: StageRun) -> tuple[Report, dict[str,
     timings, earlier = mlflow_tables(params.mlflow.experiment, mlflow_run_ids(evaluation))
     commit = active_run.tags.get("mlflow.source.git.commit", "none")[:8]
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    report = build_report(ReportInputs(
-        models=model_results(params, evaluation, models), figures=figures, provenance=provenance(params),
-        timings=timings, earlier=earlier, visualize_seconds=seconds,
-        generated=f"Generated {now} from commit {commit} (MLflow run {active_run.info.run_id[:8]} of the report).",
-    ))
+    report = build_report(
+        ReportInputs(
+            models=model_results(params, evaluation, models),
+            figures=figures,
+            provenance=provenance(params),
+            timings=timings,
+            earlier=earlier,
+            visualize_seconds=seconds,
+            generated=f"Generated {now} from commit {commit} (MLflow run {active_run.info.run_id[:8]} of the report).",
+        )
+    )
     return report, seconds
 
 
@@ -238,5 +302,7 @@ def run(params_file: Path) -> None:
             write_report(report, folder)
         mlflow.log_metrics({f"visualize_seconds.{key}": value for key, value in seconds.items()})
         mlflow.log_artifacts(str(REPORTS), artifact_path="report")
-    print(f"wrote {REPORTS / 'report.md'} and {REPORTS / 'report.html'} "
-          f"({len(report.pictures())} pictures; filter pictures took {seconds['total']:.1f} s)")
+    print(
+        f"wrote {REPORTS / 'report.md'} and {REPORTS / 'report.html'} "
+        f"({len(report.pictures())} pictures; filter pictures took {seconds['total']:.1f} s)"
+    )

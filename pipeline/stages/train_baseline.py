@@ -24,7 +24,9 @@ DATA = catalog.MNIST
 
 
 def train_baseline(
-    arrays: dict[str, np.ndarray], params: Params, distribution: Distribution | None = None,
+    arrays: dict[str, np.ndarray],
+    params: Params,
+    distribution: Distribution | None = None,
     run: StageRun | None = None,
 ) -> Trained:
     """Build, fit (logging each epoch to the active MLflow run) and test the baseline.
@@ -57,9 +59,7 @@ def train_baseline(
         shuffle_seed=params.seed,
         run=run,
     )
-    test_loss, test_accuracy = model.evaluate(
-        arrays["x_test"], arrays["y_test"], batch_size=256, verbose=0
-    )
+    test_loss, test_accuracy = model.evaluate(arrays["x_test"], arrays["y_test"], batch_size=256, verbose=0)
     return Trained(model=model, fit=result, test_loss=float(test_loss), test_accuracy=float(test_accuracy))
 
 
@@ -86,5 +86,6 @@ def run(params_file: Path) -> None:
         arrays = {key: data[key] for key in data.files}
     with tracked(STAGE, params) as run:
         trained = train_baseline(arrays, params, distribution, run)
-        publish_training(run, trained, figures=figures(trained.model, arrays["x_test"][0]),
-                         example=arrays["x_test"][:2])
+        publish_training(
+            run, trained, figures=figures(trained.model, arrays["x_test"][0]), example=arrays["x_test"][:2]
+        )

@@ -23,8 +23,12 @@ STAGE = catalog.STAGES["train_head"]
 
 
 def train_head(
-    splits: dict[str, tuple[np.ndarray, np.ndarray]], num_classes: int, image_shape: tuple[int, ...],
-    params: Params, distribution: Distribution | None = None, run: StageRun | None = None,
+    splits: dict[str, tuple[np.ndarray, np.ndarray]],
+    num_classes: int,
+    image_shape: tuple[int, ...],
+    params: Params,
+    distribution: Distribution | None = None,
+    run: StageRun | None = None,
 ) -> Trained:
     """Build, fit and test the head on cached block5_pool features ({split: (features, labels)}),
     then assemble the complete classifier for `image_shape` photos (VGG16 with the weights
@@ -36,15 +40,26 @@ def train_head(
     scope, replicas = distribution or distribution_scope(params.train)
     with scope:
         head = build_head(splits["train"][0].shape[1:], num_classes, p.pooling, p.units, p.dropout)
-        head.compile(optimizer=make_optimizer(p.optimizer, p.learning_rate),
-                     loss=loss_for(num_classes), metrics=["accuracy"])
-    result = fit(head, splits["train"], splits["validation"], p.epochs, p.batch_size * replicas,
-                 p.early_stopping_patience, params.train.tf_data, params.seed, run=run)
+        head.compile(
+            optimizer=make_optimizer(p.optimizer, p.learning_rate), loss=loss_for(num_classes), metrics=["accuracy"]
+        )
+    result = fit(
+        head,
+        splits["train"],
+        splits["validation"],
+        p.epochs,
+        p.batch_size * replicas,
+        p.early_stopping_patience,
+        params.train.tf_data,
+        params.seed,
+        run=run,
+    )
     test_loss, test_accuracy = head.evaluate(*splits["test"], batch_size=256, verbose=0)
     conv_base = build_conv_base(str(catalog.WEIGHTS), image_shape)
     classifier = assemble_classifier(conv_base, head, unfreeze=0)
-    return Trained(model=head, fit=result, test_loss=float(test_loss), test_accuracy=float(test_accuracy),
-                   saved_model=classifier)
+    return Trained(
+        model=head, fit=result, test_loss=float(test_loss), test_accuracy=float(test_accuracy), saved_model=classifier
+    )
 
 
 def run(params_file: Path) -> None:

@@ -80,7 +80,9 @@ def as_learned_size(reference: np.ndarray, shape: tuple[int, int]) -> np.ndarray
     return out
 
 
-def most_similar_kernels(learned_kernels: np.ndarray, references: dict[str, np.ndarray]) -> dict[str, tuple[int, float]]:
+def most_similar_kernels(
+    learned_kernels: np.ndarray, references: dict[str, np.ndarray]
+) -> dict[str, tuple[int, float]]:
     """For each hand-made kernel, the learned filter that looks most like it.
 
     In: learned (kh, kw, in, out) weights and 2-D reference kernels by name. Out: per name,

@@ -38,7 +38,9 @@ def confusion_matrix_figure(cm: np.ndarray, class_names: Sequence[str], title: s
             ax.text(column, row, f"{cm[row, column]:.0f}", ha="center", va="center", color=colour, fontsize=font_size)
     # Long or many names are slanted so they do not overlap.
     slanted = classes > 5 or max(len(name) for name in class_names) > 8
-    ax.set_xticks(range(classes), labels=class_names, rotation=45 if slanted else 0, ha="right" if slanted else "center")
+    ax.set_xticks(
+        range(classes), labels=class_names, rotation=45 if slanted else 0, ha="right" if slanted else "center"
+    )
     ax.set_yticks(range(classes), labels=class_names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")

@@ -13,7 +13,9 @@ from pipeline.viz.common import new_figure
 
 
 def training_curves_figure(
-    history: pd.DataFrame, metrics: Sequence[str] = ("loss", "accuracy"), start: Mapping[str, float] | None = None,
+    history: pd.DataFrame,
+    metrics: Sequence[str] = ("loss", "accuracy"),
+    start: Mapping[str, float] | None = None,
 ) -> Figure:
     """One panel per metric, training ("loss") and validation ("val_loss") against the epoch.
 
@@ -39,8 +41,15 @@ def training_curves_figure(
                 values, x = np.concatenate([[start[name]], values]), np.concatenate([[0], epochs])
             ax.plot(x, values, marker=".", label="validation")
             best = int(np.nanargmin(values) if "loss" in name else np.nanargmax(values))
-            ax.plot(x[best], values[best], "o", markersize=10, fillstyle="none", color="black",
-                    label=f"best validation ({values[best]:.3g})")
+            ax.plot(
+                x[best],
+                values[best],
+                "o",
+                markersize=10,
+                fillstyle="none",
+                color="black",
+                label=f"best validation ({values[best]:.3g})",
+            )
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
         ax.set_title(name)

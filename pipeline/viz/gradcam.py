@@ -87,7 +87,12 @@ def gradcam_figure(images: np.ndarray, heatmaps: np.ndarray, titles: list[str]) 
         height, width = np.shape(image)[:2]
         show_image(ax, image)
         ax.imshow(
-            heatmap, cmap="jet", alpha=OVERLAY_ALPHA, vmin=0.0, vmax=1.0, interpolation="bilinear",
+            heatmap,
+            cmap="jet",
+            alpha=OVERLAY_ALPHA,
+            vmin=0.0,
+            vmax=1.0,
+            interpolation="bilinear",
             extent=(-0.5, width - 0.5, height - 0.5, -0.5),
         )
         ax.set_title(title, fontsize=8)

@@ -66,6 +66,7 @@ def kernel_grid(kernels: np.ndarray, title: str, bgr: bool = False) -> Figure:
         draw_kernel(ax, kernels[..., index], shared_limit)
         ax.set_title(str(index), fontsize=7)
     colour = "RGB, each kernel min-max normalised" if in_channels == 3 else "blue < 0 < red"
-    fig.suptitle(f"{title}  ({kernels.shape[0]}x{kernels.shape[1]}x{in_channels}, {count} filters; {colour})",
-                 fontsize=9)
+    fig.suptitle(
+        f"{title}  ({kernels.shape[0]}x{kernels.shape[1]}x{in_channels}, {count} filters; {colour})", fontsize=9
+    )
     return fig
