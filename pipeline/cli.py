@@ -56,56 +56,30 @@ class OutputFormat(str, Enum):
     json = "json"
 
 
+# One option per line or two, as --help shows them.
+# fmt: off
 @app.command("compare")
 def compare_runs(
-    experiment: Annotated[
-        Optional[str],
-        typer.Option(
-            "--experiment", "-e", metavar="NAME", help="MLflow experiment (default: mlflow.experiment in --params)."
-        ),
+    experiment: Annotated[Optional[str], typer.Option(
+        "--experiment", "-e", metavar="NAME",
+        help="MLflow experiment (default: mlflow.experiment in --params).")] = None,
+    stage: Annotated[Optional[str], typer.Option(
+        "--stage", metavar="STAGE", help="Only runs of this stage (tag pipeline.stage), e.g. train_baseline.")] = None,
+    dvc_exp: Annotated[Optional[str], typer.Option(
+        "--dvc-exp", metavar="NAME", help="Only runs of this DVC experiment (tag dvc.exp_name).")] = None,
+    tag: Annotated[Optional[list[str]], typer.Option(
+        "--tag", metavar="KEY=VALUE", help="Only runs with this tag; repeatable.")] = None,
+    metric: Annotated[Optional[list[str]], typer.Option(
+        "--metric", "-m", metavar="NAME",
+        help="A metric column; repeatable (default: test_accuracy, test_loss, seconds_per_epoch).")] = None,
+    param: Annotated[Optional[list[str]], typer.Option(
+        "--param", "-p", metavar="NAME",
+        help="A param column, e.g. baseline.dropout; repeatable (default: the params that differ).")] = None,
+    sort: Annotated[Optional[str], typer.Option(
+        "--sort", metavar="COLUMN", help="Sort by this column: a metric, a param, started... (default: newest first).")
     ] = None,
-    stage: Annotated[
-        Optional[str],
-        typer.Option(
-            "--stage", metavar="STAGE", help="Only runs of this stage (tag pipeline.stage), e.g. train_baseline."
-        ),
-    ] = None,
-    dvc_exp: Annotated[
-        Optional[str],
-        typer.Option("--dvc-exp", metavar="NAME", help="Only runs of this DVC experiment (tag dvc.exp_name)."),
-    ] = None,
-    tag: Annotated[
-        Optional[list[str]], typer.Option("--tag", metavar="KEY=VALUE", help="Only runs with this tag; repeatable.")
-    ] = None,
-    metric: Annotated[
-        Optional[list[str]],
-        typer.Option(
-            "--metric",
-            "-m",
-            metavar="NAME",
-            help="A metric column; repeatable (default: test_accuracy, test_loss, seconds_per_epoch).",
-        ),
-    ] = None,
-    param: Annotated[
-        Optional[list[str]],
-        typer.Option(
-            "--param",
-            "-p",
-            metavar="NAME",
-            help="A param column, e.g. baseline.dropout; repeatable (default: the params that differ).",
-        ),
-    ] = None,
-    sort: Annotated[
-        Optional[str],
-        typer.Option(
-            "--sort",
-            metavar="COLUMN",
-            help="Sort by this column: a metric, a param, started... (default: newest first).",
-        ),
-    ] = None,
-    ascending: Annotated[
-        bool, typer.Option("--ascending", help="Sort smallest first (default: largest first).")
-    ] = False,
+    ascending: Annotated[bool, typer.Option(
+        "--ascending", help="Sort smallest first (default: largest first).")] = False,
     output_format: Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format.")] = OutputFormat.table,
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
@@ -116,16 +90,12 @@ def compare_runs(
     from pipeline.compare import RunFilter, compare, default_experiment, parse_tags
 
     run_filter = RunFilter(stage=stage, dvc_exp=dvc_exp, tags=parse_tags(tag or []))
-    text = compare(
-        experiment or default_experiment(params),
-        run_filter,
-        metric or [],
-        param or [],
-        sort,
-        ascending,
-        output_format.value,
-    )
+    text = compare(experiment or default_experiment(params), run_filter, metric or [], param or [],
+                   sort, ascending, output_format.value)
     typer.echo(text, nl=False)
+
+
+# fmt: on
 
 
 def main() -> None:

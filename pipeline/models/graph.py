@@ -82,16 +82,20 @@ def layer_chain(model: keras.Model) -> list[keras.Layer] | None:
     return chain
 
 
-class DenseLogits(keras.layers.Layer):
-    """A Dense layer's output before its activation (the logits), with that layer's weights."""
+class PreActivation(keras.layers.Layer):
+    """A Dense or conv layer's output before its activation, computed with that layer's
+    weights: the logits of a Dense sigmoid or softmax, a conv layer's response before ReLU."""
 
-    def __init__(self, dense: keras.layers.Dense, **kwargs):
+    def __init__(self, layer: keras.layers.Dense | keras.layers.Conv2D, **kwargs):
         super().__init__(**kwargs)
-        self.dense = dense
+        self.layer = layer
 
     def call(self, inputs):
-        outputs = keras.ops.matmul(inputs, self.dense.kernel)
-        return outputs + self.dense.bias if self.dense.use_bias else outputs
+        if isinstance(self.layer, keras.layers.Dense):
+            outputs = keras.ops.matmul(inputs, self.layer.kernel)
+        else:
+            outputs = self.layer.convolution_op(inputs, self.layer.kernel)
+        return outputs + self.layer.bias if self.layer.use_bias else outputs
 
 
 def probability_layer(model: keras.Model) -> keras.layers.Dense | None:
@@ -111,4 +115,4 @@ def logits_of(model: keras.Model) -> tuple[Any, bool]:
     last = probability_layer(model)
     if last is None:
         return model.outputs[0], False
-    return DenseLogits(last, name=f"{last.name}_logits")(layer_input(model, last.name)), True
+    return PreActivation(last, name=f"{last.name}_logits")(layer_input(model, last.name)), True

@@ -16,16 +16,14 @@ import numpy as np
 
 from pipeline import catalog
 from pipeline.params import Params, load_params
-from pipeline.stages.common import Distribution, Trained, distribution_scope, fit, publish_training, start_training
-from pipeline.stages.vgg_common import head_of, load_features, loss_for, vgg_figures
+from pipeline.stages.common import Distribution, Trained, distribution_scope, publish_training, start_training
+from pipeline.stages.vgg_common import Splits, compile_fit_test, head_of, load_features, vgg_figures
 
 if TYPE_CHECKING:
     from pipeline.tracking import StageRun
 
 STAGE = catalog.STAGES["finetune"]
 HEAD_MODEL = catalog.MODELS["feature_extraction"].model
-
-Splits = dict[str, tuple[np.ndarray, np.ndarray]]
 
 
 def augmentation(seed: int):
@@ -58,7 +56,6 @@ def finetune(
     `distribution` and `run` as for `train_baseline`."""
     import keras
 
-    from pipeline.models.optimizer import make_optimizer
     from pipeline.models.vgg import (
         assemble_classifier,
         build_conv_base,
@@ -67,8 +64,8 @@ def finetune(
     )
 
     p = params.finetune
-    scope, replicas = distribution or distribution_scope(params.train)
-    with scope:  # every variable the training touches is made under the strategy
+    distribution = distribution or distribution_scope(params.train)
+    with distribution.scope:  # every variable the training touches is made under the strategy
         trained_head = keras.models.load_model(head_model)
         image_shape = trained_head.input_shape[1:]
         conv_base = build_conv_base(str(catalog.WEIGHTS), image_shape)
@@ -83,24 +80,7 @@ def finetune(
         else:
             model = build_finetune_model(top, head)
             splits = features
-        model.compile(
-            optimizer=make_optimizer(p.optimizer, p.learning_rate), loss=loss_for(num_classes), metrics=["accuracy"]
-        )
-    result = fit(
-        model,
-        splits["train"],
-        splits["validation"],
-        p.epochs,
-        p.batch_size * replicas,
-        p.early_stopping_patience,
-        params.train.tf_data,
-        params.seed,
-        run=run,
-    )
-    test_loss, test_accuracy = model.evaluate(*splits["test"], batch_size=64, verbose=0)
-    return Trained(
-        model=model, fit=result, test_loss=float(test_loss), test_accuracy=float(test_accuracy), saved_model=classifier
-    )
+    return compile_fit_test(model, splits, num_classes, p, params, distribution, run, 64, saved_model=classifier)
 
 
 def run(params_file: Path) -> None:

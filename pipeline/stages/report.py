@@ -135,25 +135,14 @@ def draw_filters(params: Params, models: dict) -> tuple[Figures, dict[str, float
     p = params.report
     figures = Figures()
     seconds: dict[str, float] = {}
-    targets = [
-        (
-            "baseline",
-            TITLES["baseline"][0],
-            test_image(MNIST, p.image_index),
-            conv_layer_names(models["baseline"]),
-            p.patterns.baseline_size,
-            (0.0, 1.0),
-        ),
-        (
-            "fine_tuning",
-            TITLES["fine_tuning"][0],
-            test_image(IMAGES, p.image_index),
-            first_conv_of_each_block(models["fine_tuning"]),
-            p.patterns.vgg_size,
-            (0.0, 255.0),
-        ),
-    ]
-    for name, title, image, layers, size, value_range in targets:
+    # model -> (layers whose patterns are drawn, pattern size, the range of its input values)
+    targets = {
+        "baseline": (conv_layer_names(models["baseline"]), p.patterns.baseline_size, (0.0, 1.0)),
+        "fine_tuning": (first_conv_of_each_block(models["fine_tuning"]), p.patterns.vgg_size, (0.0, 255.0)),
+    }
+    images = {name: test_image(MODELS[name].test_data, p.image_index) for name in targets}  # a bad index: at once
+    for name, (layers, size, value_range) in targets.items():
+        title, image = TITLES[name][0], images[name]
         drawn = filter_pictures(
             models[name],
             image,

@@ -6,6 +6,7 @@ metrics/head.json and plots/head/.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,8 +14,8 @@ import numpy as np
 
 from pipeline import catalog
 from pipeline.params import Params, load_params
-from pipeline.stages.common import Distribution, Trained, distribution_scope, fit, publish_training, start_training
-from pipeline.stages.vgg_common import load_features, loss_for, vgg_figures
+from pipeline.stages.common import Distribution, Trained, distribution_scope, publish_training, start_training
+from pipeline.stages.vgg_common import Splits, compile_fit_test, load_features, vgg_figures
 
 if TYPE_CHECKING:
     from pipeline.tracking import StageRun
@@ -23,7 +24,7 @@ STAGE = catalog.STAGES["train_head"]
 
 
 def train_head(
-    splits: dict[str, tuple[np.ndarray, np.ndarray]],
+    splits: Splits,
     num_classes: int,
     image_shape: tuple[int, ...],
     params: Params,
@@ -33,33 +34,16 @@ def train_head(
     """Build, fit and test the head on cached block5_pool features ({split: (features, labels)}),
     then assemble the complete classifier for `image_shape` photos (VGG16 with the weights
     of catalog.WEIGHTS below the head). `distribution` and `run` as for `train_baseline`."""
-    from pipeline.models.optimizer import make_optimizer
     from pipeline.models.vgg import assemble_classifier, build_conv_base, build_head
 
     p = params.head
-    scope, replicas = distribution or distribution_scope(params.train)
-    with scope:
+    distribution = distribution or distribution_scope(params.train)
+    with distribution.scope:
         head = build_head(splits["train"][0].shape[1:], num_classes, p.pooling, p.units, p.dropout)
-        head.compile(
-            optimizer=make_optimizer(p.optimizer, p.learning_rate), loss=loss_for(num_classes), metrics=["accuracy"]
-        )
-    result = fit(
-        head,
-        splits["train"],
-        splits["validation"],
-        p.epochs,
-        p.batch_size * replicas,
-        p.early_stopping_patience,
-        params.train.tf_data,
-        params.seed,
-        run=run,
-    )
-    test_loss, test_accuracy = head.evaluate(*splits["test"], batch_size=256, verbose=0)
+    trained = compile_fit_test(head, splits, num_classes, p, params, distribution, run, test_batch_size=256)
+    # After the training, as before: building VGG16 draws its initial weights from the seeded random state.
     conv_base = build_conv_base(str(catalog.WEIGHTS), image_shape)
-    classifier = assemble_classifier(conv_base, head, unfreeze=0)
-    return Trained(
-        model=head, fit=result, test_loss=float(test_loss), test_accuracy=float(test_accuracy), saved_model=classifier
-    )
+    return replace(trained, saved_model=assemble_classifier(conv_base, head, unfreeze=0))
 
 
 def run(params_file: Path) -> None:

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.catalog import FEATURES
+from pipeline.stages.common import Distribution, Trained, fit
+
+if TYPE_CHECKING:
+    from pipeline.params import FinetuneParams, HeadParams, Params
+    from pipeline.tracking import StageRun
+
+Splits = dict[str, tuple[np.ndarray, np.ndarray]]
 
 HEAD_LAYERS = ("head_pool", "head_dense", "head_dropout", "head_output")
 SPLITS = ("train", "validation", "test")
 
 
-def load_features(kind: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+def load_features(kind: str) -> tuple[Splits, list[str]]:
     """{split: (features, labels)} for `kind` "frozen" or "pooled", and the class names."""
     splits = {
         split: (np.load(FEATURES / f"{split}_{kind}.npy"), np.load(FEATURES / f"{split}_labels.npy"))
@@ -25,6 +33,43 @@ def load_features(kind: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], 
 def loss_for(num_classes: int) -> str:
     """One sigmoid unit for two classes, softmax over integer labels for more."""
     return "binary_crossentropy" if num_classes == 2 else "sparse_categorical_crossentropy"
+
+
+def compile_fit_test(
+    model: Any,
+    splits: Splits,
+    num_classes: int,
+    p: HeadParams | FinetuneParams,
+    params: Params,
+    distribution: Distribution,
+    run: StageRun | None,
+    test_batch_size: int,
+    saved_model: Any = None,
+) -> Trained:
+    """Compile `model` (under the strategy) with the section's optimizer, fit it on `splits`
+    ({split: (inputs, labels)}) and test it; `saved_model` is what the stage saves."""
+    from pipeline.models.optimizer import make_optimizer
+
+    scope, replicas = distribution
+    with scope:
+        model.compile(
+            optimizer=make_optimizer(p.optimizer, p.learning_rate), loss=loss_for(num_classes), metrics=["accuracy"]
+        )
+    result = fit(
+        model,
+        splits["train"],
+        splits["validation"],
+        p.epochs,
+        p.batch_size * replicas,
+        p.early_stopping_patience,
+        params.train.tf_data,
+        params.seed,
+        run=run,
+    )
+    test_loss, test_accuracy = model.evaluate(*splits["test"], batch_size=test_batch_size, verbose=0)
+    return Trained(
+        model=model, fit=result, test_loss=float(test_loss), test_accuracy=float(test_accuracy), saved_model=saved_model
+    )
 
 
 def head_of(classifier, features_shape: tuple[int, ...]):

@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 from matplotlib.figure import Figure
 
-from pipeline.models.graph import layer_input, layer_output, model_input
+from pipeline.models.graph import PreActivation, layer_input, layer_output, model_input
 from pipeline.viz.activations import at_input_shape
 from pipeline.viz.common import new_figure
 
@@ -48,18 +48,6 @@ START_NOISE = 0.1
 DISPLAY_STD = 64.0
 DISPLAY_MEAN = 128.0
 CROP_FRACTION = 0.125
-
-
-class PreActivation(keras.layers.Layer):
-    """A conv layer's response before its activation (ReLU), computed with that layer's weights."""
-
-    def __init__(self, conv: keras.layers.Conv2D, **kwargs):
-        super().__init__(**kwargs)
-        self.conv = conv
-
-    def call(self, inputs):
-        outputs = self.conv.convolution_op(inputs, self.conv.kernel)
-        return outputs + self.conv.bias if self.conv.use_bias else outputs
 
 
 def pattern_model(model: keras.Model, layer_name: str, size: int) -> keras.Model:
