@@ -17,7 +17,7 @@ import numpy as np
 from pipeline import catalog
 from pipeline.params import Params, load_params
 from pipeline.stages.common import Distribution, Trained, distribution_scope, publish_training, start_training
-from pipeline.stages.vgg_common import Splits, compile_fit_test, head_of, load_features, vgg_figures
+from pipeline.stages.vgg_common import Splits, compile_classifier, fit_and_test, head_of, load_features, vgg_figures
 
 if TYPE_CHECKING:
     from pipeline.tracking import StageRun
@@ -64,8 +64,8 @@ def finetune(
     )
 
     p = params.finetune
-    distribution = distribution or distribution_scope(params.train)
-    with distribution.scope:  # every variable the training touches is made under the strategy
+    scope, replicas = distribution or distribution_scope(params.train)
+    with scope:  # every variable the training touches is made under the strategy
         trained_head = keras.models.load_model(head_model)
         image_shape = trained_head.input_shape[1:]
         conv_base = build_conv_base(str(catalog.WEIGHTS), image_shape)
@@ -80,7 +80,8 @@ def finetune(
         else:
             model = build_finetune_model(top, head)
             splits = features
-    return compile_fit_test(model, splits, num_classes, p, params, distribution, run, 64, saved_model=classifier)
+        compile_classifier(model, num_classes, p)
+    return fit_and_test(model, splits, p, params, replicas, run, test_batch_size=64, saved_model=classifier)
 
 
 def run(params_file: Path) -> None:

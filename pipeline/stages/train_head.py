@@ -15,7 +15,7 @@ import numpy as np
 from pipeline import catalog
 from pipeline.params import Params, load_params
 from pipeline.stages.common import Distribution, Trained, distribution_scope, publish_training, start_training
-from pipeline.stages.vgg_common import Splits, compile_fit_test, load_features, vgg_figures
+from pipeline.stages.vgg_common import Splits, compile_classifier, fit_and_test, load_features, vgg_figures
 
 if TYPE_CHECKING:
     from pipeline.tracking import StageRun
@@ -37,10 +37,11 @@ def train_head(
     from pipeline.models.vgg import assemble_classifier, build_conv_base, build_head
 
     p = params.head
-    distribution = distribution or distribution_scope(params.train)
-    with distribution.scope:
+    scope, replicas = distribution or distribution_scope(params.train)
+    with scope:
         head = build_head(splits["train"][0].shape[1:], num_classes, p.pooling, p.units, p.dropout)
-    trained = compile_fit_test(head, splits, num_classes, p, params, distribution, run, test_batch_size=256)
+        compile_classifier(head, num_classes, p)
+    trained = fit_and_test(head, splits, p, params, replicas, run, test_batch_size=256)
     # After the training, as before: building VGG16 draws its initial weights from the seeded random state.
     conv_base = build_conv_base(str(catalog.WEIGHTS), image_shape)
     return replace(trained, saved_model=assemble_classifier(conv_base, head, unfreeze=0))

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.catalog import FEATURES
-from pipeline.stages.common import Distribution, Trained, fit
+from pipeline.stages.common import Trained, fit
 
 if TYPE_CHECKING:
     from pipeline.params import FinetuneParams, HeadParams, Params
@@ -35,26 +35,28 @@ def loss_for(num_classes: int) -> str:
     return "binary_crossentropy" if num_classes == 2 else "sparse_categorical_crossentropy"
 
 
-def compile_fit_test(
+def compile_classifier(model: Any, num_classes: int, p: HeadParams | FinetuneParams) -> None:
+    """Compile `model` with the section's optimizer and the loss for `num_classes`; call it
+    inside the strategy's scope, where the model was built."""
+    from pipeline.models.optimizer import make_optimizer
+
+    model.compile(
+        optimizer=make_optimizer(p.optimizer, p.learning_rate), loss=loss_for(num_classes), metrics=["accuracy"]
+    )
+
+
+def fit_and_test(
     model: Any,
     splits: Splits,
-    num_classes: int,
     p: HeadParams | FinetuneParams,
     params: Params,
-    distribution: Distribution,
+    replicas: int,
     run: StageRun | None,
     test_batch_size: int,
     saved_model: Any = None,
 ) -> Trained:
-    """Compile `model` (under the strategy) with the section's optimizer, fit it on `splits`
-    ({split: (inputs, labels)}) and test it; `saved_model` is what the stage saves."""
-    from pipeline.models.optimizer import make_optimizer
-
-    scope, replicas = distribution
-    with scope:
-        model.compile(
-            optimizer=make_optimizer(p.optimizer, p.learning_rate), loss=loss_for(num_classes), metrics=["accuracy"]
-        )
+    """Fit the compiled `model` on `splits` ({split: (inputs, labels)}) and test it;
+    `saved_model` is what the stage saves."""
     result = fit(
         model,
         splits["train"],
