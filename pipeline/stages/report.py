@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 STAGE = catalog.STAGES["report"]
 # Stages whose MLflow runs the timing table lists (every one before this), in pipeline order.
-TRACKED_STAGES = tuple(name for name in catalog.STAGES if name != STAGE.name)
+TRACKED_STAGES = tuple(catalog.STAGES)[: tuple(catalog.STAGES).index(STAGE.name)]
 TRAINING_STAGES = tuple(trained.stage for trained in MODELS.values())
 # What a reader calls each model of catalog.MODELS, and what it is tested on.
 TITLES = {
