@@ -164,8 +164,8 @@ STAGES: dict[str, Stage] = {
             "train_head",
             "Train a new classifier on the cached VGG16 features; log it to MLflow.",
             "head",
-            (FEATURES, IMAGES, WEIGHTS),
-        ),  # the photos: the classifier's input size, figures, examples
+            (FEATURES, IMAGES, WEIGHTS),  # the photos: the classifier's input size, figures, examples
+        ),
         _training(
             "finetune",
             "Fine-tune VGG16's top conv layers with the classifier; log it to MLflow.",
