@@ -154,7 +154,7 @@ def fit(
             _note_resumed(backup.stage, restored.epochs, epochs, backup.folder)
             logger.log_restored(restored_rows)
         callbacks.append(backup)  # after EarlyStopping: it saves the state that one has updated
-    if mlflow.active_run() is not None:  # what the params' per-replica batch sizes came to
+    if run is not None:  # what the params' per-replica batch sizes came to
         mlflow.log_params(
             {"train.replicas": model.distribute_strategy.num_replicas_in_sync, "train.global_batch_size": batch_size}
         )
