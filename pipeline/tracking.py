@@ -23,7 +23,7 @@ from typing import Any
 
 import mlflow
 
-from pipeline.errors import Killed, UserError, signals_deferred
+from pipeline.errors import Killed, UserError, raise_if_signalled, signals_deferred
 from pipeline.files import sha256_tree
 
 
@@ -185,6 +185,7 @@ def stage_run(
             run = mlflow.start_run(run_name=stage, tags=tags)
         mlflow.log_params(flatten(params))
         yield run
+        raise_if_signalled()  # a signal whose exception was swallowed on the way ends it KILLED
     except (KeyboardInterrupt, Killed):
         with signals_deferred():
             mlflow.end_run("KILLED")

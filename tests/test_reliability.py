@@ -282,7 +282,7 @@ def test_a_killed_write_leaves_the_previous_output(tmp_path, directory, interrup
 
 def test_a_signal_during_the_swap_of_a_folder_is_held_until_both_renames_are_done(tmp_path, monkeypatch):
     from pipeline import files
-    from pipeline.errors import Killed, raise_killed
+    from pipeline.errors import Killed, signals_handled
     from pipeline.files import atomic_path
 
     target = tmp_path / "plots"
@@ -299,13 +299,9 @@ def test_a_signal_during_the_swap_of_a_folder_is_held_until_both_renames_are_don
             time.sleep(0.05)
 
     monkeypatch.setattr(files.os, "replace", replace_then_sigterm)
-    previous = signal.signal(signal.SIGTERM, raise_killed)
-    try:
-        with pytest.raises(Killed):
-            with atomic_path(target, directory=True) as temp:
-                (temp / "a.csv").write_text("new")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with signals_handled(), pytest.raises(Killed):
+        with atomic_path(target, directory=True) as temp:
+            (temp / "a.csv").write_text("new")
     assert len(calls) == 2, "the signal waited for the second rename"
     assert (target / "a.csv").read_text() == "new"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.errors import require
+from pipeline.errors import raise_if_signalled, require
 from pipeline.files import atomic_path
 from pipeline.params import load_params
 
@@ -57,6 +57,7 @@ def extract(
     if mirrored:
         starts += [(start, True) for start, _ in starts]
     for start, flip in tqdm(starts, desc=frozen_out.stem, unit="batch"):
+        raise_if_signalled()  # a signal swallowed inside predict stops the loop here
         batch = images[start : start + batch_size]
         cached, head_input = extractor.predict_on_batch(batch[:, :, ::-1] if flip else batch)
         row = start + (len(images) if flip else 0)
