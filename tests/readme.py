@@ -11,10 +11,12 @@ so a command that cannot run in a test is skipped by name, with its reason, neve
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+MARK = "README> "
 MARKER = re.compile(r'<!-- readme-test: (skip|skip-line)(?: "([^"]+)")?: (.+?) -->')
 
 
@@ -60,9 +62,10 @@ def shell_blocks(text: str) -> list[Block]:
 
 
 def script(blocks: list[Block]) -> tuple[str, list[str]]:
-    """A bash script of the blocks' commands that stops at the first failing one (named on
-    stderr), and what was skipped: "block: WHY" or "COMMAND: WHY", each once."""
-    body = ["set -eo pipefail", "trap 'echo \"README command failed: $BASH_COMMAND\" >&2' ERR"]
+    """A bash script of the blocks' commands that stops at the first failing one (named in
+    the output), and what was skipped: "block: WHY" or "COMMAND: WHY", each once. Each
+    command is announced by a MARK line, so `outputs` can tell whose output is whose."""
+    body = ["set -eo pipefail", "exec 2>&1", "trap 'echo \"README command failed: $BASH_COMMAND\"' ERR"]
     skipped = []
     for block in blocks:
         if block.skipped:
@@ -73,13 +76,25 @@ def script(blocks: list[Block]) -> tuple[str, list[str]]:
             if name is not None:
                 skipped.append(f"{name}: {block.skipped_lines[name]}")
                 continue
-            body.append(command)
+            body += [f"echo {shlex.quote(MARK + command.splitlines()[0])}", command]
     return "\n".join(body) + "\n", skipped
+
+
+def outputs(text: str) -> list[tuple[str, str]]:
+    """(first line of the command, its output: stdout and stderr) for each command run."""
+    found: list[tuple[str, str]] = []
+    for line in text.splitlines(keepends=True):
+        if line.startswith(MARK):
+            found.append((line[len(MARK):].rstrip("\n"), ""))
+        elif found:
+            found[-1] = (found[-1][0], found[-1][1] + line)
+    return found
 
 
 def run_blocks(blocks: list[Block], cwd: Path, home: Path, timeout: float = 900) -> subprocess.CompletedProcess:
     """Run the blocks in one bash, in `cwd`, with nothing of the caller's environment but
-    PATH=/usr/bin:/bin and HOME (a new user's shell, no venv activated)."""
+    PATH=/usr/bin:/bin and HOME (a new user's shell, no venv activated); stderr goes to
+    stdout, in order."""
     text, _ = script(blocks)
     return subprocess.run(["/bin/bash", "-c", text], cwd=cwd, env={"PATH": "/usr/bin:/bin", "HOME": str(home)},
                           capture_output=True, text=True, timeout=timeout)
