@@ -18,7 +18,7 @@ from typing import Annotated, Optional
 import typer
 
 from pipeline.catalog import STAGES, Stage
-from pipeline.errors import Killed, UserError, raise_killed
+from pipeline.errors import Killed, UserError, signals_handled
 
 app = typer.Typer(
     help="Reproducible image classification: MNIST convnet and VGG16 transfer learning.\n\n"
@@ -102,9 +102,9 @@ def main() -> None:
     """Console entry point: user errors as one line, Ctrl-C and SIGTERM as exit codes."""
     # TensorFlow's C++ start-up chatter (oneDNN notes, CPU feature lists) is not for users.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    signal.signal(signal.SIGTERM, raise_killed)
     try:
-        app()
+        with signals_handled():
+            app()
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -115,6 +115,24 @@ def main() -> None:
         if exc.code == 130:  # Typer turns Ctrl-C into Exit(130) itself, silently
             print("interrupted", file=sys.stderr)
         raise
-    except Killed:
+    except Killed as exc:
         print("terminated", file=sys.stderr)
-        sys.exit(143)
+        sys.exit(128 + exc.signum)  # 143 for SIGTERM, 129 for SIGHUP, as a shell reports them
+
+
+def console() -> None:
+    """The `pipeline` console script: `main`, and after a kill an immediate exit.
+
+    By then the MLflow run has ended and every output is whole or absent, and "interrupted"
+    or "terminated" is printed; what is left is the interpreter's teardown, which takes over
+    a second with TensorFlow loaded (its threads, its atexit work). A killed stage should be
+    gone as soon as it has cleaned up, so skip it.
+    """
+    try:
+        main()
+    except SystemExit as exc:
+        if exc.code in (128 + signal.SIGHUP, 130, 128 + signal.SIGTERM):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exc.code)
+        raise

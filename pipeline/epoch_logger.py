@@ -1,4 +1,5 @@
-"""The Keras callback of the training stages: per-epoch metrics and wall time to MLflow.
+"""The Keras callbacks of the training stages: per-epoch metrics and wall time to MLflow,
+and a stop at the next batch when a signal arrived.
 
 Apart from pipeline/tracking.py because `mlflow.keras` imports TensorFlow.
 """
@@ -7,8 +8,11 @@ from __future__ import annotations
 
 import time
 
+import keras
 import mlflow
 from mlflow.keras import MlflowCallback
+
+from pipeline.errors import raise_if_signalled
 
 
 class EpochLogger(MlflowCallback):
@@ -41,3 +45,24 @@ class EpochLogger(MlflowCallback):
 
     def on_test_end(self, logs: dict | None = None) -> None:
         """Nothing: the `val_*` metrics are logged per epoch by on_epoch_end (see the class)."""
+
+
+class StopOnSignal(keras.callbacks.Callback):
+    """Ends fit, evaluate or predict at the next batch once SIGTERM or SIGINT has arrived.
+
+    The signal handler raises at once (pipeline/errors.py), but that exception can be
+    swallowed by library code (a bare `except:` in Keras' graph tracing); the signal is
+    recorded all the same, and this raises it again at a batch boundary.
+    """
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        raise_if_signalled()
+
+    def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        raise_if_signalled()
+
+    def on_predict_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        raise_if_signalled()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        raise_if_signalled()

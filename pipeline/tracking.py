@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import mlflow
 
-from pipeline.errors import Killed, UserError, signals_deferred
+from pipeline.errors import Killed, UserError, raise_if_signalled, signals_deferred
 from pipeline.files import sha256_tree
 
 if TYPE_CHECKING:
@@ -217,6 +217,7 @@ def stage_run(
             run = mlflow.start_run(run_name=stage, tags=tags)
         mlflow.log_params({**flatten(params), **flatten(provenance or {})})
         yield StageRun(stage, tags["params.sha256"], tags["data.sha256"], run)
+        raise_if_signalled()  # a signal whose exception was swallowed on the way ends it KILLED
     except (KeyboardInterrupt, Killed):
         with signals_deferred():
             mlflow.end_run("KILLED")

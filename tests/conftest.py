@@ -7,8 +7,12 @@ import gzip
 import hashlib
 import http.server
 import os
+import socket
 import struct
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +20,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's `pipeline`, `dvc` and `mlflow`
 
 MNIST_NAMES = {
     "train_images": "train-images-idx3-ubyte.gz",
@@ -23,6 +28,22 @@ MNIST_NAMES = {
     "test_images": "t10k-images-idx3-ubyte.gz",
     "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
+
+
+# Two different float32 computations of the same numbers (other batch shapes, a split model
+# against the whole, a cache against a forward pass) agree only to rounding: oneDNN picks
+# other kernels for other shapes, thread splits and CPUs, so the order of float32 sums
+# changes. A relative 1e-5, measured against the magnitude of the values (elements near zero
+# come out of sums of large terms), holds on any CPU. Bit-identity is asserted only for the
+# same computation on the same machine (determinism, resume, a saved and reloaded model).
+FLOAT32_RTOL = 1e-5
+
+
+def assert_float32_close(actual, desired, rtol: float = FLOAT32_RTOL, err_msg: str = "") -> None:
+    """actual == desired to `rtol` of desired's largest magnitude (see FLOAT32_RTOL)."""
+    desired = np.asarray(desired)
+    scale = float(np.max(np.abs(desired))) if desired.size else 0.0
+    np.testing.assert_allclose(actual, desired, rtol=rtol, atol=rtol * scale, err_msg=err_msg)
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -102,12 +123,7 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
 
 def dead_url() -> str:
     """A loopback URL where nothing listens (the port was just free)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
+    return f"http://127.0.0.1:{free_port()}/"
 
 
 def write_photo_zip(path: Path, per_class: int = 6, size: int = 40, corrupt: int = 1) -> None:
@@ -141,3 +157,127 @@ def write_vgg16_weights(path: Path) -> str:
 
     keras.applications.VGG16(weights=None, include_top=False, input_shape=(32, 32, 3)).save(path)
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------
+# Subprocesses on tiny git+DVC projects (test_pipeline, test_kills, test_scaling)
+# --------------------------------------------------------------------------------------
+
+
+def command_env(tracking_uri: str | None = None) -> dict[str, str]:
+    """This environment with the venv first on PATH, and MLFLOW_TRACKING_URI only if given."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    return env
+
+
+def run_command(args: list[str], cwd: Path, check: bool = True, tracking_uri: str | None = None,
+                timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `args` in `cwd` (see command_env); with `check`, a failure shows its output."""
+    result = subprocess.run(args, cwd=cwd, env=command_env(tracking_uri), capture_output=True, text=True,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def wait_for(condition, what: str, timeout: float = 120, process: subprocess.Popen | None = None,
+             interval: float = 0.02, log=None) -> None:
+    """Poll `condition` until it holds; fail when `process` ends first (showing its output,
+    or the open `log` file it writes to) or after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process is not None and process.poll() is not None:
+            out, err = process.communicate()
+            if log is not None:
+                log.seek(0)
+                out, err = log.read(), ""
+            raise AssertionError(f"the process ended ({process.returncode}) before {what}:\n{out}\n{(err or '')[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_yaml(path: Path, data: dict) -> None:
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    yaml.default_flow_style = False
+    with path.open("w") as handle:
+        yaml.dump(data, handle)
+
+
+def shipped_params() -> dict:
+    """The repository's params.yaml, as a dict to change for a tiny project."""
+    from ruamel.yaml import YAML
+
+    return YAML(typ="safe", pure=True).load((REPO / "params.yaml").read_text())
+
+
+def serve_folder(folder: Path, request) -> str:
+    """http://127.0.0.1:PORT serving `folder` until the requesting fixture's scope ends."""
+    handler = functools.partial(_QuietHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    request.addfinalizer(server.shutdown)
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def git_dvc_project(root: Path, params: dict, dvc_yaml: dict | None = None, with_venv: bool = False) -> Path:
+    """A committed git+DVC copy of the project in `root`: pipeline/, dvc.yaml (or `dvc_yaml`),
+    .gitignore and `params`; DVC's analytics off. `with_venv` adds what a user's clone has
+    after `make setup`: the Makefile, README, pyproject.toml and lock file, and .venv (a link
+    to the venv these tests run in, older than its sources, so `make` installs nothing)."""
+    import shutil
+
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / ".gitignore", root)
+    if with_venv:
+        for name in ("Makefile", "README.md", "pyproject.toml", "requirements.lock"):
+            shutil.copy(REPO / name, root)
+            os.utime(root / name, (0, 0))
+        (root / ".venv").symlink_to(Path(sys.prefix))
+        with (root / ".gitignore").open("a") as ignore:
+            ignore.write("/.venv\n")  # a link, which "/.venv/" does not match
+    if dvc_yaml is None:
+        shutil.copy(REPO / "dvc.yaml", root)
+    else:
+        write_yaml(root / "dvc.yaml", dvc_yaml)
+    write_yaml(root / "params.yaml", params)
+    run_command(["git", "init", "-q"], root)
+    for key, value in (("user.name", "t"), ("user.email", "t@t")):
+        run_command(["git", "config", key, value], root)
+    run_command(["dvc", "init", "-q"], root)
+    with (root / ".dvc/config").open("a") as config:  # `dvc config core.analytics false`, minus a start-up
+        config.write("[core]\n    analytics = false\n")
+    run_command(["git", "add", "-A"], root)
+    run_command(["git", "commit", "-q", "-m", "project"], root)
+    return root
+
+
+def client_for(root: Path):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+
+
+def runs_in(root: Path, experiment: str, stage: str | None = None) -> list:
+    """The runs of `experiment` (of one `stage`, if given) in root/mlflow.db, oldest first."""
+    client = client_for(root)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"]) if found else []
+    return [run for run in runs if stage is None or run.data.tags.get("pipeline.stage") == stage]
+
+
+def temp_leftovers(root: Path) -> list[Path]:
+    """Temporary outputs (pipeline/files.py) left anywhere in a project."""
+    return [p for p in root.rglob(".tmp-*") if ".dvc" not in p.parts and ".git" not in p.parts]

@@ -1,94 +1,91 @@
-"""End to end: `dvc repro` on a tiny copy of the project, data served from loopback.
+"""End to end, as a new user meets it: the README's commands, as written, on a tiny copy of
+the project whose data is served from loopback.
 
-This is the one slow module (each stage is a process that imports TensorFlow), so one
-project is built per module and the checks share it.
+Each stage is a process that imports TensorFlow, so one project is built per module (by the
+README's `make run`) and the checks share it, in file order: the read-only checks first,
+then the README's other commands, then the tests that change params or delete data.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from ruamel.yaml import YAML
 
-from conftest import REPO, write_mnist_mirror, write_photo_zip, write_vgg16_weights
+from conftest import (REPO, git_dvc_project, run_command, serve_folder, shipped_params, write_mnist_mirror,
+                      write_photo_zip, write_vgg16_weights, write_yaml)
+from readme import outputs, run_blocks, script, shell_blocks
 
-BIN = Path(sys.executable).parent
 TRAINING_METRICS = {"test_accuracy", "test_loss", "epochs", "seconds_per_epoch"}
 
 
-def run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
+README = REPO / "README.md"
+# What the README's commands name and the tests cannot have: the real data on a local mirror.
+# The test's loopback mirror has the same layout; its tiny files have other hashes and sizes.
+REAL_PORT = "http://127.0.0.1:8765"
+REAL_PHOTOS_SHA256 = "cd2590f2861e345536f0649a86edd4dc90c69d019c6d7f19f4330b0d1713a7d0"
+REAL_WEIGHTS_SHA256 = "176a7114d666779d23b8ff9e00d83d575f0341a64284cb1fa82996d602970e66"
+REAL_PER_CLASS = "{train: 500, validation: 250, test: 251}"
+TINY_PER_CLASS = {"train": 2, "validation": 2, "test": 2}
+PHOTOS = "cats_vs_dogs/cats_vs_dogs_2002.zip"
+WEIGHTS = "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 
-def tiny_params(url: str, files: dict, weights_sha256: str) -> dict:
-    yaml = YAML(typ="safe", pure=True)
-    params = yaml.load((REPO / "params.yaml").read_text())
+def tiny_params(url: str, files: dict, photos_sha256: str, weights_sha256: str) -> dict:
+    params = shipped_params()
     params["mnist"].update(mirrors=[url + "/mnist/"], files=files, validation_size=20, retries=0)
     params["baseline"].update(conv_filters=[4, 8], dense_units=16, epochs=2, batch_size=32)
-    params["images"].update(url=url + "/photos.zip", size=32,
-                            per_class={"train": 2, "validation": 2, "test": 2})
-    params["vgg16"].update(weights=url + "/vgg16.h5", weights_sha256=weights_sha256)
+    params["images"].update(url=f"{url}/{PHOTOS}", sha256=photos_sha256, size=32, per_class=TINY_PER_CLASS)
+    params["vgg16"].update(weights=f"{url}/{WEIGHTS}", weights_sha256=weights_sha256)
     params["head"].update(units=8, epochs=2, batch_size=2)
     params["finetune"].update(epochs=2, batch_size=2)
+    params["evaluate"].update(misclassified=4, gradcam={"photos": 2, "layer": "block5_conv3"})
+    params["report"].update(activation_channels=2)
+    params["report"]["patterns"].update(filters_per_layer=2, steps=2, vgg_size=32)
     params["mlflow"]["experiment"] = "tiny"
     return params
 
 
-def write_yaml(path: Path, data: dict) -> None:
-    yaml = YAML()
-    yaml.default_flow_style = False
-    with path.open("w") as handle:
-        yaml.dump(data, handle)
+def readme_blocks(url: str, photos_sha256: str, weights_sha256: str) -> list:
+    """The README's shell blocks, with the tiny mirror's address, hashes and sizes in place
+    of the real data's (each of which the README must still name)."""
+    text = README.read_text()
+    tiny_per_class = "{" + ", ".join(f"{k}: {v}" for k, v in TINY_PER_CLASS.items()) + "}"
+    for real, tiny in ((REAL_PORT, url), (REAL_PHOTOS_SHA256, photos_sha256),
+                       (REAL_WEIGHTS_SHA256, weights_sha256), (REAL_PER_CLASS, tiny_per_class)):
+        assert real in text, f"README.md no longer names {real}: update tests/test_pipeline.py"
+        text = text.replace(real, tiny)
+    return shell_blocks(text)
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, request):
-    """A git+DVC copy of the project with tiny params; `dvc repro` already run once."""
-    import functools
-    import http.server
-    import threading
-
-    from conftest import _QuietHandler
+    """A git+DVC copy of the project with tiny params and the venv, built by the README's
+    first command block (`make run`), run as a new user runs it; with the README's other
+    blocks, for test_the_readme_commands_work_as_written."""
+    import hashlib
 
     base = tmp_path_factory.mktemp("e2e")
-    files = write_mnist_mirror(base / "served" / "mnist")
-    write_photo_zip(base / "served" / "photos.zip")
-    weights_sha256 = write_vgg16_weights(base / "served" / "vgg16.h5")
-    handler = functools.partial(_QuietHandler, directory=str(base / "served"))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    request.addfinalizer(server.shutdown)
-
-    root = base / "project"
-    root.mkdir()
-    shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", root)
-    shutil.copy(REPO / ".gitignore", root)
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    write_yaml(root / "params.yaml", tiny_params(url, files, weights_sha256))
-    run(["git", "init", "-q"], root)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init"], root)
-    run(["dvc", "init", "-q"], root)
-    run(["dvc", "config", "core.analytics", "false"], root)
-    run(["git", "add", "-A"], root)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "project"], root)
-    first = run(["dvc", "repro"], root)
-    return root, first
+    served = base / "served"
+    files = write_mnist_mirror(served / "mnist")
+    (served / PHOTOS).parent.mkdir(parents=True)
+    write_photo_zip(served / PHOTOS)
+    (served / WEIGHTS).parent.mkdir(parents=True)
+    weights_sha256 = write_vgg16_weights(served / WEIGHTS)
+    photos_sha256 = hashlib.sha256((served / PHOTOS).read_bytes()).hexdigest()
+    url = serve_folder(served, request)
+    root = git_dvc_project(base / "project", tiny_params(url, files, photos_sha256, weights_sha256), with_venv=True)
+    blocks = readme_blocks(url, photos_sha256, weights_sha256)
+    assert [c.split("#")[0].strip() for c in blocks[0].commands] == ["make run", "make test"]
+    first = run_blocks(blocks[:1], root, home=base)
+    assert first.returncode == 0, f"{first.stdout[-3000:]}\n{first.stderr[-3000:]}"
+    return root, first, blocks
 
 
 def test_repro_writes_every_output(project):
-    root, _ = project
+    root = project[0]
     assert sorted(p.name for p in (root / "data/raw/mnist").iterdir()) == [
         "test_images.idx", "test_labels.idx", "train_images.idx", "train_labels.idx",
     ]
@@ -108,7 +105,7 @@ def test_photos_weights_features_and_vgg_models(project):
     import keras
     import numpy as np
 
-    root, _ = project
+    root = project[0]
     report = json.loads((root / "data/raw/images_report.json").read_text())
     assert report["kept"] == {"Cat": 6, "Dog": 6}
     assert report["skipped"] == 2
@@ -137,7 +134,7 @@ def test_photos_weights_features_and_vgg_models(project):
 
 
 def test_evaluate_and_report(project):
-    root, _ = project
+    root = project[0]
     evaluation = json.loads((root / "metrics/evaluate.json").read_text())
     assert set(evaluation) >= {"baseline", "feature_extraction", "fine_tuning"}
     for model in ("baseline", "feature_extraction", "fine_tuning"):
@@ -159,7 +156,7 @@ def test_evaluate_and_report(project):
 def test_runs_are_tracked_in_the_embedded_store(project):
     import mlflow
 
-    root, _ = project
+    root = project[0]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("tiny")
     runs = client.search_runs([experiment.experiment_id])
@@ -180,33 +177,79 @@ def test_runs_are_tracked_in_the_embedded_store(project):
     assert (root / "mlartifacts").is_dir()
 
 
-def test_second_repro_does_nothing_and_a_param_change_reruns_only_downstream(project):
-    root, _ = project
-    again = run(["dvc", "repro"], root)
-    assert "Running stage" not in again.stdout, again.stdout
-    params = YAML(typ="safe", pure=True).load((root / "params.yaml").read_text())
-    params["baseline"]["dropout"] = 0.25
-    write_yaml(root / "params.yaml", params)
-    # Reproduce up to train_baseline (its downstream, evaluate and report, would cost a minute
-    # of the suite); DVC then reports evaluate and report as changed: they follow on the next repro.
-    changed = run(["dvc", "repro", "train_baseline"], root)
-    ran = {line.split("'")[1] for line in changed.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train_baseline"}, ran
-    status = run(["dvc", "status", "--json"], root)
-    assert set(json.loads(status.stdout)) == {"evaluate", "report"}, status.stdout
+# Commands of the README that cannot run in a test, each marked there with its reason.
+README_SKIPS = {"make test", "mlflow ui", "block: needs a PostgreSQL server", "block: a team's shared storage",
+                "block: several machines"}
+
+
+def test_the_readme_commands_work_as_written(project):
+    """Every shell block of README.md after the first (`make run`, which built the project),
+    in order, in one shell with nothing but PATH=/usr/bin:/bin and HOME: no venv activated,
+    no PATH of ours. What cannot run here is marked in the README and skipped by name."""
+    import mlflow
+
+    root, _, blocks = project
+    _, skipped = script(blocks)
+    assert sorted(next((name for name in README_SKIPS if entry.startswith(name)), entry) for entry in skipped) \
+        == sorted(README_SKIPS), skipped
+    for block in blocks:
+        for prefix in block.skipped_lines:
+            assert any(c.strip().startswith(prefix) for c in block.commands), f"README.md:{block.line}: {prefix}?"
+
+    result = run_blocks(blocks[1:], root, home=root.parent)
+    assert result.returncode == 0, result.stdout[-6000:]
+    said = outputs(result.stdout)
+
+    def output_of(command: str) -> str:
+        """What the first README command that starts with `command` printed."""
+        found = [out for line, out in said if line.startswith(command)]
+        assert found, f"no README command starts with {command!r}"
+        return found[0]
+
+    def ran(command: str) -> set[str]:
+        return {line.split("'")[1] for line in output_of(command).splitlines() if line.startswith("Running stage")}
+
+    assert "train-baseline" in output_of("pipeline --help")
+    # A second repro does nothing; where MNIST comes from is not a dependency; a param change
+    # re-runs only the stages that read it, and their downstream.
+    assert ran("dvc repro train_baseline") == set()
+    assert ran("dvc exp run -S 'mnist.mirrors") == set()
+    assert ran("dvc exp run \\") == set(), "the same photos and weights, from another place"
+    assert ran("dvc exp run -n my-exp -S baseline.epochs=10") == {"train_baseline", "evaluate", "report"}
+
+    # What the commands did: the experiment and the two queued ones logged to the project's
+    # store (not to the queue's temporary copies), one train_baseline run each.
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny")
+    runs = [r for r in client.search_runs([experiment.experiment_id])
+            if r.data.tags.get("pipeline.stage") == "train_baseline" and r.data.tags.get("dvc.exp_name")]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    by_exp = {r.data.tags["dvc.exp_name"]: r for r in runs}
+    assert len(by_exp) == len(runs) == 3, sorted(by_exp)
+    assert by_exp.pop("my-exp").data.params["baseline.epochs"] == "10"
+    assert sorted(r.data.params["baseline.dropout"] for r in by_exp.values()) == ["0.3", "0.4"]
+    assert not list((root / ".dvc/tmp/exps").rglob("mlflow.db")), "queued runs go to the project's store"
+    table = json.loads(run_command(["pipeline", "compare", "--stage", "train_baseline", "-p", "baseline.dropout",
+                            "--sort", "baseline.dropout", "--ascending", "-f", "json"], root).stdout)
+    swept = [(row["dvc_exp"], row["baseline.dropout"], row["test_accuracy"]) for row in table if row["dvc_exp"] in by_exp]
+    expected = sorted(((name, float(r.data.params["baseline.dropout"]), r.data.metrics["test_accuracy"])
+                       for name, r in by_exp.items()), key=lambda row: row[1])
+    assert swept == expected
+    # `dvc exp apply my-exp` left that experiment in the workspace
+    assert json.loads((root / "metrics/baseline.json").read_text())["epochs"] == 10
 
 
 def test_user_errors_are_one_line_and_exit_2(project):
-    root, _ = project
+    root = project[0]
     params = YAML(typ="safe", pure=True).load((root / "params.yaml").read_text())
     params["baseline"]["padding"] = "full"
     write_yaml(root / "bad.yaml", params)
-    result = run(["pipeline", "train-baseline", "--params", "bad.yaml"], root, check=False)
+    result = run_command(["pipeline", "train-baseline", "--params", "bad.yaml"], root, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: bad.yaml: baseline.padding: input should be 'valid' or 'same' (got 'full')"
     ]
     shutil.rmtree(root / "data/prepared")
-    missing = run(["pipeline", "train-baseline"], root, check=False)
+    missing = run_command(["pipeline", "train-baseline"], root, check=False)
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines()[-1].endswith("missing; run `dvc repro prepare_mnist` first")

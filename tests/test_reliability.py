@@ -1,36 +1,26 @@
-"""Reliability and reproducibility: failures and kills end MLflow runs honestly, a killed
-training resumes exactly, outputs are atomic, reruns are bit-identical, queued experiments
-share the SQLite store, a tracking server works and a dead one is one line.
-
-The first tests run in this process on tiny models; the rest share one tiny git+DVC
-project (the MNIST stages) and run the real `pipeline` and `dvc` commands in subprocesses.
+"""Reliability, in this process on tiny models: failures and kills end MLflow runs honestly,
+a killed training resumes exactly, outputs are atomic, bad archives and weights write
+nothing, and a dead tracking server is one line. (Kills of real `dvc repro` process groups:
+test_kills.py; queued experiments sharing the store: test_pipeline.py's README test.)
 """
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from ruamel.yaml import YAML
 
-from conftest import REPO, dead_url, write_mnist_mirror
-
-BIN = Path(sys.executable).parent
-EPOCHS = 8  # the kill lands after epoch 1: seven more leave room for a slow machine
-TIMINGS = {"seconds_per_epoch", "mlflow_run_id"}
+from conftest import REPO, client_for, dead_url, runs_in, temp_leftovers, write_yaml
 
 
 # --------------------------------------------------------------------------------------
@@ -55,20 +45,6 @@ def python_ctrl_c():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
-
-
-def client_for(root: Path):
-    import mlflow
-
-    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-
-
-def runs_in(root: Path, experiment: str, stage: str | None = None) -> list:
-    """The runs of `experiment` (of one `stage`, if given) in root/mlflow.db, oldest first."""
-    client = client_for(root)
-    found = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"]) if found else []
-    return [run for run in runs if stage is None or run.data.tags.get("pipeline.stage") == stage]
 
 
 @pytest.mark.parametrize(
@@ -282,7 +258,7 @@ def test_a_killed_write_leaves_the_previous_output(tmp_path, directory, interrup
 
 def test_a_signal_during_the_swap_of_a_folder_is_held_until_both_renames_are_done(tmp_path, monkeypatch):
     from pipeline import files
-    from pipeline.errors import Killed, raise_killed
+    from pipeline.errors import Killed, signals_handled
     from pipeline.files import atomic_path
 
     target = tmp_path / "plots"
@@ -299,13 +275,9 @@ def test_a_signal_during_the_swap_of_a_folder_is_held_until_both_renames_are_don
             time.sleep(0.05)
 
     monkeypatch.setattr(files.os, "replace", replace_then_sigterm)
-    previous = signal.signal(signal.SIGTERM, raise_killed)
-    try:
-        with pytest.raises(Killed):
-            with atomic_path(target, directory=True) as temp:
-                (temp / "a.csv").write_text("new")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with signals_handled(), pytest.raises(Killed):
+        with atomic_path(target, directory=True) as temp:
+            (temp / "a.csv").write_text("new")
     assert len(calls) == 2, "the signal waited for the second rename"
     assert (target / "a.csv").read_text() == "new"
 
@@ -516,255 +488,3 @@ def test_a_resumed_training_stops_early_where_an_uninterrupted_one_does(embedded
     columns = [c for c in full.history.columns if c != "epoch_seconds"]
     assert resumed.history[columns].equals(full.history[columns])
     assert all(np.array_equal(a, b) for a, b in zip(full_weights, resumed_weights)), "the best epoch's weights"
-
-
-# --------------------------------------------------------------------------------------
-# Subprocesses on one tiny git+DVC project
-# --------------------------------------------------------------------------------------
-
-
-def write_yaml(path: Path, data: dict) -> None:
-    yaml = YAML()
-    yaml.default_flow_style = False
-    with path.open("w") as handle:
-        yaml.dump(data, handle)
-
-
-def command_env(tracking_uri: str | None = None) -> dict[str, str]:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    if tracking_uri:
-        env["MLFLOW_TRACKING_URI"] = tracking_uri
-    return env
-
-
-def sh(args: list[str], cwd: Path, check: bool = True, tracking_uri: str | None = None,
-       timeout: float = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=cwd, env=command_env(tracking_uri), capture_output=True,
-                            text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def wait_for(condition, what: str, timeout: float = 120, process: subprocess.Popen | None = None,
-             interval: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process is not None and process.poll() is not None:
-            out, err = process.communicate()
-            raise AssertionError(f"the process ended ({process.returncode}) before {what}:\n{out}\n{err[-3000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def model_numbers(root: Path) -> dict:
-    """metrics/baseline.json and plots/baseline/history.csv without timings and run ids."""
-    import pandas as pd
-
-    metrics = json.loads((root / "metrics/baseline.json").read_text())
-    history = pd.read_csv(root / "plots/baseline/history.csv").drop(columns="epoch_seconds")
-    return {"metrics": {k: v for k, v in metrics.items() if k not in TIMINGS},
-            "history": history.to_dict("list")}
-
-
-def temp_leftovers(root: Path) -> list[Path]:
-    return [p for p in root.rglob(".tmp-*") if ".dvc" not in p.parts and ".git" not in p.parts]
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory, request):
-    """A git+DVC copy of the project, MNIST served from loopback, prepared (not trained);
-    an `mlflow server` starting in the background for the server test."""
-    import functools
-    import http.server
-    import threading
-
-    from conftest import _QuietHandler
-
-    base = tmp_path_factory.mktemp("reliability")
-    files = write_mnist_mirror(base / "served" / "mnist", train=400, test=50)
-    handler = functools.partial(_QuietHandler, directory=str(base / "served"))
-    http_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=http_server.serve_forever, daemon=True).start()
-    request.addfinalizer(http_server.shutdown)
-
-    port = free_port()
-    server_log = (base / "server.log").open("w")
-    mlflow_server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{base / 'server.db'}",
-         "--artifacts-destination", str(base / "server-artifacts")],
-        cwd=base, env=command_env(), stdout=subprocess.DEVNULL, stderr=server_log,
-        start_new_session=True,  # its own process group: the finalizer stops it and its workers
-    )
-
-    def stop_server() -> None:
-        if mlflow_server.poll() is None:
-            os.killpg(mlflow_server.pid, signal.SIGTERM)
-            try:
-                mlflow_server.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.killpg(mlflow_server.pid, signal.SIGKILL)
-                mlflow_server.wait()
-        server_log.close()
-
-    request.addfinalizer(stop_server)
-
-    root = base / "project"
-    root.mkdir()
-    shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", root)
-    shutil.copy(REPO / ".gitignore", root)
-    params = YAML(typ="safe", pure=True).load((REPO / "params.yaml").read_text())
-    params["mnist"].update(mirrors=[f"http://127.0.0.1:{http_server.server_address[1]}/mnist/"],
-                           files=files, validation_size=40, retries=0)
-    params["baseline"].update(conv_filters=[4, 8], dense_units=16, epochs=EPOCHS, batch_size=16)
-    params["mlflow"]["experiment"] = "tiny"
-    write_yaml(root / "params.yaml", params)
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    sh(["git", "init", "-q"], root)
-    sh(["dvc", "init", "-q"], root)
-    with (root / ".dvc/config").open("a") as config:  # `dvc config core.analytics false`, minus a start-up
-        config.write("[core]\n    analytics = false\n")
-    sh(["git", "add", "-A"], root)
-    sh([*git, "commit", "-q", "-m", "project"], root)
-    sh(["dvc", "repro", "prepare_mnist"], root)
-    # Filled in by the tests, in order: the epoch the kill left, the resumed run's numbers
-    # and dvc.lock, to compare with the second forced repro.
-    return SimpleNamespace(root=root, base=base, server=f"http://127.0.0.1:{port}",
-                           server_log=base / "server.log", killed_after=None, numbers={}, lock="")
-
-
-def test_sigterm_in_training_ends_the_run_killed_exits_143_and_writes_nothing(project):
-    """A real `kill` of `pipeline train-baseline` once an epoch is done: the next test resumes it."""
-    root = project.root
-    process = subprocess.Popen(["pipeline", "train-baseline"], cwd=root, env=command_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: any((root / ".resume/train_baseline").glob("*/epoch-0001")), "the first epoch",
-             timeout=300, process=process)
-    process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=120)
-    assert process.returncode == 143, err[-2000:]
-    assert err.strip().splitlines()[-1] == "terminated" and "Traceback" not in err
-    (run,) = runs_in(root, "tiny", stage="train_baseline")
-    assert run.info.status == "KILLED"
-    assert client_for(root).get_metric_history(run.info.run_id, "val_loss"), "epochs were logged"
-    for folder in ("models", "metrics", "plots"):
-        assert not (root / folder).exists(), "a run killed in training writes nothing"
-    assert not temp_leftovers(root)
-    (backup,) = (root / ".resume/train_baseline").iterdir()
-    project.killed_after = int(sorted(backup.iterdir())[-1].name.removeprefix("epoch-"))
-    assert 1 <= project.killed_after < EPOCHS
-
-
-def test_the_killed_training_resumes_on_the_next_repro(project):
-    """`dvc repro -f` (the first of two forced repros: the next test is the second)."""
-    root = project.root
-    result = sh(["dvc", "repro", "-f", "train_baseline"], root)
-    done = project.killed_after
-    assert f"train_baseline: resuming after epoch {done} of {EPOCHS}" in result.stdout
-    numbers = model_numbers(root)
-    assert numbers["history"]["epoch"] == list(range(1, EPOCHS + 1))
-    assert numbers["metrics"]["epochs"] == EPOCHS
-    assert not (root / ".resume").exists(), "the backup is deleted once the outputs are written"
-    runs = [r for r in runs_in(root, "tiny") if r.data.tags["pipeline.stage"] == "train_baseline"]
-    assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
-    resumed = runs[-1]
-    assert resumed.data.tags["resumed_after_epoch"] == str(done)
-    client = client_for(root)
-    history = sorted(client.get_metric_history(resumed.info.run_id, "val_loss"), key=lambda m: m.step)
-    assert [m.step for m in history] == list(range(EPOCHS))
-    # history.csv holds 16 significant digits, MLflow the float itself
-    assert [m.value for m in history] == pytest.approx(numbers["history"]["val_loss"], rel=1e-14)
-    project.numbers["resumed"] = numbers
-    project.lock = (root / "dvc.lock").read_text()
-
-
-def test_a_second_forced_repro_logs_to_a_tracking_server_with_bit_identical_numbers(project):
-    """Determinism: `dvc repro -f` again, logging to `mlflow server`, gives the same numbers
-    as the first (itself resumed after a kill), and the same data, byte for byte."""
-    import mlflow
-
-    def healthy() -> bool:
-        try:
-            with urllib.request.urlopen(project.server + "/health", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
-    wait_for(healthy, f"mlflow server /health (log: {project.server_log})", timeout=180)
-    root = project.root
-    sh(["dvc", "repro", "-f", "train_baseline"], root, tracking_uri=project.server)
-    numbers = model_numbers(root)
-    assert numbers == project.numbers["resumed"], "accuracies, losses and every epoch, bit for bit"
-    lock = (root / "dvc.lock").read_text()
-    for stage in ("download_mnist", "prepare_mnist"):
-        assert _lock_outs(lock, stage) == _lock_outs(project.lock, stage)
-
-    client = mlflow.MlflowClient(tracking_uri=project.server)
-    experiment = client.get_experiment_by_name("tiny")
-    runs = client.search_runs([experiment.experiment_id])
-    (run,) = [r for r in runs if r.data.tags["pipeline.stage"] == "train_baseline"]
-    assert run.info.status == "FINISHED"
-    assert {r.info.status for r in runs} == {"FINISHED"}, "the upstream stages' runs too"
-    assert run.data.metrics["test_accuracy"] == numbers["metrics"]["test_accuracy"]
-    assert len(client.get_metric_history(run.info.run_id, "val_loss")) == EPOCHS
-    assert {"plots", "model_summary_saved.txt"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert any((project.base / "server-artifacts").rglob("history.csv")), "artifacts went through the server"
-    assert json.loads((root / "metrics/baseline.json").read_text())["mlflow_run_id"] == run.info.run_id
-
-
-def _lock_outs(lock_text: str, stage: str) -> list:
-    return YAML(typ="safe", pure=True).load(lock_text)["stages"][stage]["outs"]
-
-
-def test_three_queued_experiments_two_at_a_time_share_the_sqlite_store(project):
-    root = project.root
-    names = ["rel-a", "rel-b", "rel-c"]
-    for name, dropout in zip(names, (0.1, 0.2, 0.3)):
-        sh(["dvc", "exp", "run", "train_baseline", "--queue", "-n", name, "-S", "baseline.epochs=1",
-            "-S", f"baseline.dropout={dropout}"], root)
-    def experiment_runs() -> list:
-        return [r for r in runs_in(root, "tiny", stage="train_baseline") if r.data.tags.get("dvc.exp_name") in names]
-
-    def ended() -> bool:  # a cheap look at the store first; `dvc queue status` costs a start-up
-        if sum(r.info.status != "RUNNING" for r in experiment_runs()) < len(names):
-            return False
-        status = sh(["dvc", "queue", "status"], root).stdout
-        return not any(word in status for word in ("Queued", "Running"))
-
-    try:
-        sh(["dvc", "queue", "start", "-j", "2"], root)
-        wait_for(ended, "the three experiments", timeout=400, interval=1.0)
-    finally:
-        sh(["dvc", "queue", "stop"], root, check=False)
-    status = sh(["dvc", "queue", "status"], root).stdout
-    if status.count("Success") != 3:
-        logs = "\n".join(sh(["dvc", "queue", "logs", name], root, check=False).stdout for name in names)
-        pytest.fail(f"{status}\n{logs[-4000:]}")
-    runs = experiment_runs()
-    assert sorted(r.data.tags["dvc.exp_name"] for r in runs) == names, "one train_baseline run each"
-    assert {r.info.status for r in runs} == {"FINISHED"}
-    assert sorted(r.data.params["baseline.dropout"] for r in runs) == ["0.1", "0.2", "0.3"]
-    # Nothing was lost to a locked database (MLflow's Keras callback only warns on errors).
-    client = client_for(root)
-    for run in runs:
-        assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 1
-        assert {"test_accuracy", "test_loss", "seconds_per_epoch"} <= run.data.metrics.keys()
-    assert not (root / ".dvc/tmp/exps/mlflow.db").exists(), "the runs went to the main project's store"
-    # The sweep, as a user compares it: one row per experiment, its dropout and its accuracy.
-    table = json.loads(sh(["pipeline", "compare", "--stage", "train_baseline", "-p", "baseline.dropout",
-                           "--sort", "baseline.dropout", "--ascending", "-f", "json"], root).stdout)
-    swept = [row for row in table if row["dvc_exp"] in names]
-    assert [(row["dvc_exp"], row["baseline.dropout"]) for row in swept] == list(zip(names, [0.1, 0.2, 0.3]))
-    accuracies = {r.data.tags["dvc.exp_name"]: r.data.metrics["test_accuracy"] for r in runs}
-    assert [row["test_accuracy"] for row in swept] == [accuracies[name] for name in names]
-

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,38 +24,11 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
-from conftest import REPO, write_mnist_mirror
+from conftest import BIN, REPO, free_port, git_dvc_project, run_command, shipped_params, write_mnist_mirror, write_yaml
 from tiny_project import write_data
 
-BIN = Path(sys.executable).parent
 MNIST_STAGES = ("download_mnist", "prepare_mnist", "train_baseline")
 EXPERIMENT = "scaling"
-GIT_USER = ["-c", "user.name=t", "-c", "user.email=t@t"]
-
-
-def run(args: list[str], cwd: Path, tracking_uri: str | None = None, check: bool = True,
-        timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    if tracking_uri:
-        env["MLFLOW_TRACKING_URI"] = tracking_uri
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def write_yaml(path: Path, data: dict) -> None:
-    yaml = YAML()
-    yaml.default_flow_style = False
-    with path.open("w") as handle:
-        yaml.dump(data, handle)
 
 
 # -- a real PostgreSQL and an MLflow server on it -----------------------------------------
@@ -163,7 +135,7 @@ def mnist_dvc_yaml() -> dict:
 
 
 def tiny_params(mirror: Path, files: dict) -> dict:
-    params = YAML(typ="safe", pure=True).load((REPO / "params.yaml").read_text())
+    params = shipped_params()
     params["mlflow"]["experiment"] = EXPERIMENT
     params["mnist"].update(mirrors=[str(mirror)], files=files, validation_size=20, retries=0)
     params["baseline"].update(conv_filters=[4, 8], dense_units=16, epochs=1, batch_size=32)
@@ -179,22 +151,14 @@ def project(tmp_path_factory, tracking) -> dict:
     base = tmp_path_factory.mktemp("scaling")
     files = write_mnist_mirror(base / "mirror" / "mnist", train=120, test=30)
     root, remote = base / "project", base / "remote"
-    root.mkdir()
-    shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / ".gitignore", root)
-    write_yaml(root / "dvc.yaml", mnist_dvc_yaml())
-    write_yaml(root / "params.yaml", tiny_params(base / "mirror" / "mnist", files))
-    run(["git", "init", "-q"], root)
-    run(["dvc", "init", "-q"], root)
-    run(["dvc", "config", "core.analytics", "false"], root)
-    run(["dvc", "remote", "add", "-d", "shared", str(remote)], root)
-    run(["git", "add", "-A"], root)
-    run(["git", *GIT_USER, "commit", "-q", "-m", "project"], root)
+    git_dvc_project(root, tiny_params(base / "mirror" / "mnist", files), dvc_yaml=mnist_dvc_yaml())
+    run_command(["dvc", "remote", "add", "-d", "shared", str(remote)], root)
+    run_command(["git", "commit", "-q", "-am", "remote"], root)
     url, artifacts, why = tracking
-    repro = run(["dvc", "repro"], root, tracking_uri=url)
-    run(["git", "add", "-A"], root)
-    run(["git", *GIT_USER, "commit", "-q", "-m", "repro"], root)
-    run(["dvc", "push"], root)
+    repro = run_command(["dvc", "repro"], root, tracking_uri=url)
+    run_command(["git", "add", "-A"], root)
+    run_command(["git", "commit", "-q", "-m", "repro"], root)
+    run_command(["dvc", "push"], root)
     return {"root": root, "base": base, "repro": repro, "url": url, "artifacts": artifacts, "why": why}
 
 
@@ -230,13 +194,13 @@ def test_runs_go_to_the_shared_server_on_postgresql(project):
 
 def test_a_fresh_clone_pulls_every_output_and_has_nothing_to_run(project):
     root, clone = project["root"], project["base"] / "clone"
-    run(["git", "clone", "-q", str(root), str(clone)], project["base"])
+    run_command(["git", "clone", "-q", str(root), str(clone)], project["base"])
     assert not (clone / "models").exists()
-    run(["dvc", "pull"], clone)
+    run_command(["dvc", "pull"], clone)
     for path in ("data/raw/mnist/train_images.idx", "data/prepared/mnist.npz", "models/baseline.keras"):
         assert (clone / path).read_bytes() == (root / path).read_bytes(), path
-    assert "up to date" in run(["dvc", "status"], clone).stdout
-    repro = run(["dvc", "repro"], clone)
+    assert "up to date" in run_command(["dvc", "status"], clone).stdout
+    repro = run_command(["dvc", "repro"], clone)
     assert "Running stage" not in repro.stdout, repro.stdout
     for stage in MNIST_STAGES:
         assert f"'{stage}' didn't change" in repro.stdout, repro.stdout
@@ -289,7 +253,7 @@ def train_tiny(tmp_path: Path, settings: dict, logical_cpus: int = 1) -> dict:
     """Train the baseline for one epoch on 20 digits in a fresh process; what it reports."""
     shutil.copy(REPO / "params.yaml", tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = run([sys.executable, "-c", TRAIN_SCRIPT, json.dumps(settings), str(logical_cpus)],
+    result = run_command([sys.executable, "-c", TRAIN_SCRIPT, json.dumps(settings), str(logical_cpus)],
                  tmp_path, tracking_uri=uri, timeout=300)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -334,7 +298,7 @@ def test_plain_keras_still_fails_under_multi_worker_so_our_fix_stays(tmp_path):
 def mnist_project(root: Path, distribute: str, batch_size: int) -> Path:
     """A folder with params.yaml and tiny_project's data (20 training digits), for
     `pipeline train-baseline`: three epochs, no dropout (whose masks differ per replica)."""
-    params = YAML(typ="safe", pure=True).load((REPO / "params.yaml").read_text())
+    params = shipped_params()
     params["mlflow"]["experiment"] = "workers"
     params["baseline"].update(conv_filters=[4, 8], dense_units=16, epochs=3, batch_size=batch_size, dropout=0.0,
                               early_stopping_patience=0)

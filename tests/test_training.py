@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from conftest import FLOAT32_RTOL
+
 
 def _model(seed: int):
     import keras
@@ -38,4 +40,5 @@ def test_early_stopping_keeps_the_starting_weights_unless_an_epoch_beats_them(tr
     else:
         assert result.kept_epoch >= 1 and end_loss < start_loss
     assert end_loss <= start_loss + 1e-7
-    assert result.start_validation["loss"] == pytest.approx(start_loss, rel=1e-6), "drawn as epoch 0"
+    # evaluated in batches of 16 there, of 32 here: other kernels, same number to float32 (conftest)
+    assert result.start_validation["loss"] == pytest.approx(start_loss, rel=FLOAT32_RTOL), "drawn as epoch 0"

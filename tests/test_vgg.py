@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import assert_float32_close
 from pipeline.errors import UserError
 from pipeline.models.vgg import (
     VGG16_CONV_LAYERS,
@@ -73,11 +74,12 @@ def test_layer_names_match_keras(conv_base):
 
 def test_preprocess_layer_equals_preprocess_input(images):
     expected = keras.applications.vgg16.preprocess_input(images.copy())
-    np.testing.assert_allclose(VGGPreprocess()(images), expected, rtol=0, atol=1e-5)
+    # A 1x1 convolution against NumPy's subtraction: two computations (conftest)
+    assert_float32_close(VGGPreprocess()(images), expected)
     # Inside a model (whose float Input converts), raw uint8 photos need no cast first.
     model = keras.Sequential([keras.Input(images.shape[1:]), VGGPreprocess()])
     as_uint8 = model.predict(images.astype("uint8"), verbose=0)
-    np.testing.assert_allclose(as_uint8, expected, rtol=0, atol=1e-5)
+    assert_float32_close(as_uint8, expected)
     assert not model.trainable_weights
 
 
@@ -95,7 +97,7 @@ def test_split_is_exact(conv_base, images, unfreeze):
 
     trained = VGG16_CONV_LAYERS[-unfreeze:] + ("head_dense", "head_output")
     assert set(g_full) == set(g_split) == {f"{n}/{w}" for n in trained for w in ("kernel", "bias")}
-    np.testing.assert_allclose(y_split, y_full, rtol=1e-5, atol=1e-6)
+    assert_float32_close(y_split, y_full)  # two computations of the same numbers (conftest)
     for path, grad in g_full.items():
         assert np.any(grad != 0), f"{path}: zero gradient proves nothing"
         scale = np.abs(grad).max()
@@ -117,7 +119,8 @@ def test_split_shares_weights_with_conv_base(conv_base, images):
     kernel = top.get_layer("block5_conv3").kernel
     assert kernel is conv_base.get_layer("block5_conv3").kernel
     through_split = top(frozen(VGGPreprocess()(images)))
-    np.testing.assert_allclose(through_split, conv_base(VGGPreprocess()(images)), rtol=1e-6)
+    # two graphs, two sets of kernel calls (conftest)
+    assert_float32_close(through_split, conv_base(VGGPreprocess()(images)))
 
 
 def test_unfreeze_zero_is_head_only(conv_base, images):
@@ -127,9 +130,7 @@ def test_unfreeze_zero_is_head_only(conv_base, images):
     trained = {w.path.split("/")[0] for w in finetune.trainable_weights}
     assert trained == {"head_dense", "head_output"}
     full = assemble_classifier(conv_base, head, 0)
-    np.testing.assert_allclose(
-        finetune(frozen(VGGPreprocess()(images))), full(images), rtol=1e-5, atol=1e-6
-    )
+    assert_float32_close(finetune(frozen(VGGPreprocess()(images))), full(images))
 
 
 @pytest.mark.parametrize("num_classes, units, activation", [(2, 1, "sigmoid"), (5, 5, "softmax")])
@@ -168,7 +169,7 @@ def test_classifier_is_flat_and_round_trips(conv_base, images, tmp_path):
     ]
     activation, prediction = grad_cam_model(reloaded)(images)
     assert activation.shape == (2, 2, 2, 512)
-    np.testing.assert_allclose(prediction, expected, rtol=1e-6)
+    assert_float32_close(prediction, expected)  # another graph than `model`'s (conftest)
 
 
 def test_standalone_copy_allows_grad_cam(conv_base, images):
@@ -176,7 +177,7 @@ def test_standalone_copy_allows_grad_cam(conv_base, images):
     copy = standalone_copy(model)
     assert copy.get_layer("block5_conv3").kernel is not conv_base.get_layer("block5_conv3").kernel
     _, prediction = grad_cam_model(copy)(images)
-    np.testing.assert_allclose(prediction, model(images), rtol=1e-6)
+    assert_float32_close(prediction, model(images))  # another graph (conftest)
     assert [w.path for w in copy.trainable_weights] == [w.path for w in model.trainable_weights]
 
 

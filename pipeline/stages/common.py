@@ -136,10 +136,10 @@ def fit(
     import mlflow
     import pandas as pd
 
-    from pipeline.epoch_logger import EpochLogger
+    from pipeline.epoch_logger import EpochLogger, StopOnSignal
 
     logger = EpochLogger()
-    callbacks: list[keras.callbacks.Callback] = [logger]
+    callbacks: list[keras.callbacks.Callback] = [StopOnSignal(), logger]
     early_stopping = None
     if early_stopping_patience and validation is not None:
         early_stopping = early_stopping_from_start(validation, batch_size, early_stopping_patience)

@@ -17,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import catalog
+from pipeline.errors import raise_if_signalled
 from pipeline.files import atomic_path
 from pipeline.params import load_params
 
@@ -62,6 +63,7 @@ def extract(
     if mirrored:
         starts += [(start, True) for start, _ in starts]
     for start, flip in tqdm(starts, desc=frozen_out.stem, unit="batch"):
+        raise_if_signalled()  # a signal swallowed inside predict stops the loop here
         batch = images[start : start + batch_size]
         cached, head_input = extractor.predict_on_batch(batch[:, :, ::-1] if flip else batch)
         row = start + (len(images) if flip else 0)
