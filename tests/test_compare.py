@@ -159,13 +159,12 @@ def test_cli_options(tracking, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("inside", ["", ".dvc/tmp/exps/run1/project"])
 def test_store_location_matches_the_stages(tmp_path, monkeypatch, inside):
-    from pipeline.compare import tracking_uri as compare_uri
-    from pipeline.tracking import tracking_uri as stages_uri
+    from pipeline.tracking import tracking_uri  # compare and the stages both use this one
 
     folder = tmp_path / inside
     folder.mkdir(parents=True, exist_ok=True)
     monkeypatch.chdir(folder)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert compare_uri() == stages_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/mlflow.db")
-    assert compare_uri() == stages_uri() == "sqlite:////elsewhere/mlflow.db"
+    assert tracking_uri() == "sqlite:////elsewhere/mlflow.db"

@@ -283,7 +283,7 @@ MULTI_WORKER_SCRIPT = textwrap.dedent("""
 
 def test_plain_keras_still_fails_under_multi_worker_so_our_fix_stays(tmp_path):
     """keras-team/keras#20585: two workers on loopback, plain Keras, no fix: fit fails. When
-    this starts failing, Keras trains multi-worker by itself and multi_worker.fix_keras can go."""
+    this starts failing, Keras trains multi-worker by itself and keras_internals.fix_multi_worker_fit can go."""
     cluster = {"worker": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]}
     workers = [subprocess.Popen(
         [sys.executable, "-c", MULTI_WORKER_SCRIPT], cwd=tmp_path, text=True,
