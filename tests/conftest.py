@@ -166,7 +166,7 @@ def write_vgg16_weights(path: Path) -> str:
 
 def command_env(tracking_uri: str | None = None) -> dict[str, str]:
     """This environment with the venv first on PATH, and MLFLOW_TRACKING_URI only if given."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri

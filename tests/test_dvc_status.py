@@ -5,22 +5,14 @@ params.yaml and pipeline/, stand-ins for every stage's data, recorded by `dvc co
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
-from conftest import REPO
+from conftest import REPO, run_command
 from pipeline import catalog
 
-DVC = str(REPO / ".venv/bin/dvc") if (REPO / ".venv/bin/dvc").exists() else "dvc"
-
-
 def dvc(root: Path, *args: str) -> str:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    result = subprocess.run([DVC, *args], cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+    return run_command(["dvc", *args], root, timeout=300).stdout
 
 
 def committed_project(root: Path) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from ruamel.yaml import YAML
 
-from conftest import REPO
+from conftest import REPO, write_yaml
 
 CLASS_NAMES = ["cat", "dog"]
 IMAGE_SIZE = 32
@@ -38,13 +38,6 @@ def tiny_params() -> dict:
                      "baseline_size": 28, "vgg_size": IMAGE_SIZE},
     }
     return params
-
-
-def write_params(root: Path, params: dict) -> None:
-    yaml = YAML()
-    yaml.default_flow_style = False
-    with (root / "params.yaml").open("w") as handle:
-        yaml.dump(params, handle)
 
 
 def write_data(root: Path, seed: int = 0) -> None:
@@ -158,7 +151,7 @@ def write_training_outputs(root: Path, params: dict, models: dict) -> dict[str, 
 def make_tiny_project(root: Path) -> dict[str, str]:
     """Everything evaluate and report read, in `root` (the current directory for the stages)."""
     params = tiny_params()
-    write_params(root, params)
+    write_yaml(root / "params.yaml", params)
     write_data(root)
     models = write_models(root, params)
     return write_training_outputs(root, params, models)
