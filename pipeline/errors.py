@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 class UserError(Exception):
@@ -62,9 +64,20 @@ def signals_handled() -> Iterator[None]:
     ignored (`nohup`, or a job started with `&`, which must not stop on a Ctrl-C)."""
     _received.clear()
     previous = {sig: signal.signal(sig, on_signal) for sig in HANDLED if signal.getsignal(sig) is not signal.SIG_IGN}
+    previous_hook = sys.unraisablehook
+
+    def quiet_about_interruptions(unraisable: Any) -> None:
+        """An interruption raised inside a weakref callback or a `__del__` (an import's
+        module-lock callback, say) is swallowed there, and Python would print its traceback.
+        It is recorded and raised again at the next safe point: no error to show."""
+        if not (_received and isinstance(unraisable.exc_value, (Killed, KeyboardInterrupt))):
+            previous_hook(unraisable)
+
+    sys.unraisablehook = quiet_about_interruptions
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         for sig, handler in previous.items():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         _received.clear()

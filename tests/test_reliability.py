@@ -282,6 +282,35 @@ def test_a_signal_during_the_swap_of_a_folder_is_held_until_both_renames_are_don
     assert (target / "a.csv").read_text() == "new"
 
 
+def test_a_sigterm_swallowed_by_a_weakref_callback_is_raised_at_the_next_check_without_a_traceback(
+    capsys, monkeypatch
+):
+    """What test_kills.py caught once in 21 kills: the signal landed in an import's module-lock
+    callback (a weakref callback), where Python swallows any exception and prints it. The
+    record makes the next check raise it, and nothing is printed."""
+    import weakref
+
+    from pipeline.errors import Killed, raise_if_signalled, signals_handled
+
+    class Thing:
+        pass
+
+    def callback(_):  # the signal arrives while this runs
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)  # Python's, which prints (not pytest's)
+    with signals_handled():
+        thing = Thing()
+        reference = weakref.ref(thing, callback)
+        del thing  # the callback runs here; its Killed is swallowed
+        assert reference() is None
+        with pytest.raises(Killed):
+            raise_if_signalled()
+    assert "Traceback" not in capsys.readouterr().err
+    raise_if_signalled()  # the record ends with the block
+
+
 # Bad input at the stage level: one clear error, and nothing at all in data/
 
 
