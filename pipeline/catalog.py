@@ -29,6 +29,8 @@ IMAGES = Path("data/prepared/images.npz")
 FEATURES = Path("data/features")
 EVALUATE_METRICS = Path("metrics/evaluate.json")
 EVALUATE_PLOTS = Path("plots/evaluate")
+# Inside evaluate's plots folder (so dvc.yaml's out covers them), not DVC metrics:
+EVALUATE_PER_CLASS = EVALUATE_PLOTS / "per_class.csv"  # model, class, precision, recall, f1, support
 REPORTS = Path("reports")
 
 
@@ -58,6 +60,27 @@ MODELS: dict[str, TrainedModel] = {
         "finetune", Path("models/finetuned.keras"), Path("metrics/finetune.json"), Path("plots/finetune"), IMAGES
     ),
 }
+
+
+def evaluate_correct(test_data: Path) -> Path:
+    """plots/evaluate/correct_<mnist|images>.csv: one row per sample of the test set
+    `test_data`, a 0/1 column per model scored on it (1: it was right), for paired tests."""
+    return EVALUATE_PLOTS / f"correct_{test_data.stem}.csv"
+
+
+def _pairs() -> dict[str, tuple[str, str]]:
+    names = list(MODELS)
+    return {
+        f"{later}_vs_{earlier}": (later, earlier)
+        for i, earlier in enumerate(names)
+        for later in names[i + 1 :]
+        if MODELS[later].test_data == MODELS[earlier].test_data
+    }
+
+
+# {key in evaluate.json: (later, earlier)} for every two models scored on the same test data,
+# the later one in MODELS' order first: {"fine_tuning_vs_feature_extraction": (...)}.
+PAIRS: dict[str, tuple[str, str]] = _pairs()
 
 
 def model_of(stage: str) -> TrainedModel:

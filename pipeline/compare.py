@@ -24,6 +24,8 @@ Format = Literal["table", "markdown", "csv", "json"]
 # Columns that say which run a row is, before the metrics and params.
 ID_COLUMNS = ("run_id", "stage", "dvc_exp", "status", "started", "seconds")
 SHORT_ID = 8  # a run id prefix long enough to find the run in the MLflow UI
+# A metric's 95% interval, where a run logs one (evaluate: `fine_tuning.test_accuracy_ci95_low`).
+INTERVAL_ENDS = ("_ci95_low", "_ci95_high")
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,16 @@ def identity_columns(runs: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def interval_column(runs: pd.DataFrame, metric: str) -> pd.Series | None:
+    """Each run's 95% interval of `metric` as "low - high" (missing where the run logs none),
+    or None when no run logs one."""
+    low, high = (_column(runs, f"metrics.{metric}{end}") for end in INTERVAL_ENDS)
+    if not (low.notna() & high.notna()).any():
+        return None
+    shown = low.map("{:.4f}".format) + " - " + high.map("{:.4f}".format)
+    return shown.where(low.notna() & high.notna())
+
+
 def _check_known(requested: Sequence[str], known: Sequence[str], kind: str) -> None:
     unknown = [name for name in requested if name not in known]
     if unknown:
@@ -164,7 +176,8 @@ def runs_table(
     sort: str | None = None,
     ascending: bool = False,
 ) -> pd.DataFrame:
-    """The comparison table: identity columns, then metrics, then params, one row per run.
+    """The comparison table: identity columns, then metrics (each beside its 95% interval
+    where a run logs one), then params, one row per run.
 
     In: `search_runs` output; metric and param names (empty = the defaults: DEFAULT_METRICS
     that some run has, and the params that differ between the runs); the column to sort by
@@ -178,6 +191,9 @@ def runs_table(
     table = identity_columns(runs)
     for name in metrics:
         table[name] = runs[f"metrics.{name}"]
+        interval = interval_column(runs, name)
+        if interval is not None:
+            table[f"{name} 95% interval"] = interval
     for name in params:
         table[name] = _numeric_if_possible(runs[f"params.{name}"])
     table = table.dropna(axis="columns", how="all").reset_index(drop=True)

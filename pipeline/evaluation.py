@@ -1,4 +1,5 @@
-"""Test-set scores of a classifier from its predictions: accuracy, loss, per-class metrics.
+"""Test-set scores of a classifier from its predictions: accuracy with its interval, loss,
+per-class metrics, and the paired test of two classifiers scored on the same samples.
 
 Pure numpy and scikit-learn: predicted probabilities and true labels in, numbers out. The
 loss is computed from the same predictions as everything else, so the expensive forward
@@ -7,7 +8,9 @@ pass over the test photos runs once (no separate `model.evaluate`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from statistics import NormalDist
 
 import numpy as np
 
@@ -90,12 +93,52 @@ def per_class_metrics(labels: np.ndarray, predicted: np.ndarray, class_names: Se
     }
 
 
+def wilson_interval(correct: int, total: int, confidence: float = 0.95) -> tuple[float, float]:
+    """(low, high): the Wilson score interval of a proportion `correct` / `total`.
+
+    Unlike the normal approximation it stays inside [0, 1] and is not empty at 0 or `total`
+    correct, so it suits the small test sets of a quick run as well as the full one.
+    """
+    if total <= 0 or not 0 <= correct <= total:
+        raise ValueError(f"a proportion needs 0 <= correct <= total and total > 0, not {correct} of {total}")
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    share, z2 = correct / total, z * z / total
+    centre = (share + z2 / 2) / (1 + z2)
+    half = z / (1 + z2) * math.sqrt(share * (1 - share) / total + z2 / (4 * total))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar_exact(only_a_right: int, only_b_right: int) -> float:
+    """Two-sided p-value of the exact McNemar test: are two classifiers scored on the same
+    samples equally good?
+
+    Only the discordant samples (one right, the other wrong) carry evidence; under "equally
+    good" each falls to either side with probability 1/2, so the p-value is the exact binomial
+    probability of a split at least as lopsided as the one seen. No discordant sample: 1.0.
+    """
+    if only_a_right < 0 or only_b_right < 0:
+        raise ValueError(f"discordant counts must be >= 0, not {only_a_right} and {only_b_right}")
+    discordant, fewer = only_a_right + only_b_right, min(only_a_right, only_b_right)
+    tail = sum(math.comb(discordant, k) for k in range(fewer + 1))
+    return min(1.0, 2 * tail / 2**discordant)  # exact integers until this one division
+
+
+def paired_test(a: str, a_correct: np.ndarray, b: str, b_correct: np.ndarray) -> dict:
+    """McNemar's exact test of model `a` against model `b` from their per-sample correctness
+    (booleans, same samples in the same order): {p_value, only_<a>_right, only_<b>_right}."""
+    a_correct, b_correct = np.asarray(a_correct, dtype=bool), np.asarray(b_correct, dtype=bool)
+    if a_correct.shape != b_correct.shape:
+        raise ValueError(f"{a} and {b} were not scored on the same samples: {a_correct.shape} vs {b_correct.shape}")
+    only_a, only_b = int(np.sum(a_correct & ~b_correct)), int(np.sum(b_correct & ~a_correct))
+    return {"p_value": mcnemar_exact(only_a, only_b), f"only_{a}_right": only_a, f"only_{b}_right": only_b}
+
+
 def score(labels: np.ndarray, outputs: np.ndarray, class_names: Sequence[str], from_logits: bool = False) -> dict:
-    """Everything evaluate.json holds for one model.
+    """The headline numbers evaluate.json holds for one model.
 
     In: true labels (integers or one-hot), the model's outputs on the same samples (or its
     logits, with `from_logits`), the class names in label order.
-    Out: test_accuracy, test_loss, test_samples, per_class.
+    Out: test_accuracy, test_accuracy_ci95 ([low, high], Wilson), test_loss, test_samples.
     """
     labels = label_indices(labels)
     probabilities = class_probabilities(outputs, from_logits)
@@ -104,12 +147,12 @@ def score(labels: np.ndarray, outputs: np.ndarray, class_names: Sequence[str], f
             f"outputs give {probabilities.shape[1]} classes for {probabilities.shape[0]} samples; "
             f"expected {len(class_names)} classes for {len(labels)} samples"
         )
-    predicted = probabilities.argmax(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
     return {
-        "test_accuracy": float(np.mean(predicted == labels)),
+        "test_accuracy": float(np.mean(correct)),
+        "test_accuracy_ci95": list(wilson_interval(int(correct.sum()), len(labels))),
         "test_loss": cross_entropy(labels, outputs, from_logits),
         "test_samples": int(len(labels)),
-        "per_class": per_class_metrics(labels, predicted, class_names),
     }
 
 

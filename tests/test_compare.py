@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import pytest
 
-from pipeline.compare import RunFilter, compare, parse_tags
+from pipeline.compare import RunFilter, compare, parse_tags, runs_table
 from pipeline.errors import UserError
 
 DROPOUTS = (0.1, 0.3, 0.5)
@@ -93,6 +93,23 @@ def test_chosen_columns_and_sort(tracking):
     assert set(table["baseline.epochs"]) == {5}
     best_first = as_frame(compare("tiny", RunFilter(stage="train_baseline"), sort="test_accuracy", fmt="csv"))
     assert best_first["test_accuracy"].tolist() == sorted(ACCURACIES, reverse=True)
+
+
+def test_an_accuracy_is_shown_beside_its_interval_where_the_run_logged_one():
+    runs = pd.DataFrame({
+        "run_id": ["evaluate-new", "evaluate-old"],
+        "tags.pipeline.stage": ["evaluate", "evaluate"],
+        "metrics.fine_tuning.test_accuracy": [0.9, 0.8],
+        "metrics.fine_tuning.test_accuracy_ci95_low": [0.85, None],  # the old run predates intervals
+        "metrics.fine_tuning.test_accuracy_ci95_high": [0.93251, None],
+        "metrics.fine_tuning.test_loss": [0.3, 0.4],
+    })
+    table = runs_table(runs, metrics=["fine_tuning.test_accuracy", "fine_tuning.test_loss"])
+    columns = list(table.columns)
+    assert columns[columns.index("fine_tuning.test_accuracy") + 1] == "fine_tuning.test_accuracy 95% interval"
+    assert table["fine_tuning.test_accuracy 95% interval"].tolist()[0] == "0.8500 - 0.9325"
+    assert pd.isna(table["fine_tuning.test_accuracy 95% interval"].tolist()[1])
+    assert "fine_tuning.test_loss 95% interval" not in columns  # no run logs one
 
 
 def test_formats(tracking):

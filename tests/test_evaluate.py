@@ -9,7 +9,16 @@ import pandas as pd
 import pytest
 
 from conftest import assert_float32_close
-from pipeline.evaluation import class_probabilities, cross_entropy, pick_examples, score
+from pipeline.evaluation import (
+    class_probabilities,
+    cross_entropy,
+    mcnemar_exact,
+    paired_test,
+    per_class_metrics,
+    pick_examples,
+    score,
+    wilson_interval,
+)
 
 # 3 classes, 10 samples. Confusion (rows actual, columns predicted):
 #   a: [2, 1, 0]    b: [1, 3, 0]    c: [0, 1, 2]
@@ -17,12 +26,17 @@ ACTUAL = np.array([0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
 PREDICTED = np.array([0, 0, 1, 0, 1, 1, 1, 1, 2, 2])
 
 
-def test_per_class_metrics_match_the_hand_computed_confusion():
+def test_scores_match_the_hand_computed_confusion():
     outputs = np.eye(3)[PREDICTED]  # one-hot "probabilities": argmax is PREDICTED
     scores = score(ACTUAL, outputs, ["a", "b", "c"])
+    assert set(scores) == {"test_accuracy", "test_accuracy_ci95", "test_loss", "test_samples"}
     assert scores["test_samples"] == 10
     assert scores["test_accuracy"] == pytest.approx(7 / 10)
-    per_class = scores["per_class"]
+    assert scores["test_accuracy_ci95"] == pytest.approx(list(wilson_interval(7, 10)))
+
+
+def test_per_class_metrics_match_the_hand_computed_confusion():
+    per_class = per_class_metrics(ACTUAL, PREDICTED, ["a", "b", "c"])
     # precision = diagonal / column sum, recall = diagonal / row sum.
     assert per_class["a"]["precision"] == pytest.approx(2 / 3)
     assert per_class["a"]["recall"] == pytest.approx(2 / 3)
@@ -35,9 +49,58 @@ def test_per_class_metrics_match_the_hand_computed_confusion():
 
 
 def test_a_class_never_predicted_scores_zero_not_nan():
-    scores = score(np.array([0, 1, 1]), np.eye(2)[[1, 1, 1]], ["never", "always"])
-    assert scores["per_class"]["never"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
-    json.dumps(scores, allow_nan=False)
+    per_class = per_class_metrics(np.array([0, 1, 1]), np.array([1, 1, 1]), ["never", "always"])
+    assert per_class["never"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    json.dumps(per_class, allow_nan=False)
+
+
+def test_wilson_interval_against_the_formula_worked_by_hand():
+    # 81 of 263 at 95% (z = 1.959964, z^2/n = 0.0146063): centre (0.307985 + 0.0073031) /
+    # 1.0146063 = 0.310749; half-width z / 1.0146063 * sqrt(0.307985 * 0.692015 / 263 +
+    # 0.0146063 / (4 * 263)) = 0.055461; so (0.255288, 0.366210).
+    assert wilson_interval(81, 263) == pytest.approx((0.255288, 0.366210), abs=2e-6)
+    # None right of 10: low 0, high z^2/n / (1 + z^2/n) = 0.384146 / 1.384146 = 0.277533.
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.277533), abs=2e-6)
+    assert wilson_interval(10, 10) == pytest.approx((0.722467, 1.0), abs=2e-6)  # the mirror image
+    # 90% (z = 1.644854, z^2/n = 0.0270554) narrows it: 50 of 100 gives 0.5 +- 1.601525 *
+    # sqrt(0.0025 + 0.0000676) = 0.5 +- 0.081152.
+    assert wilson_interval(50, 100, confidence=0.90) == pytest.approx((0.418848, 0.581152), abs=2e-6)
+
+
+@pytest.mark.parametrize("correct, total", [(-1, 10), (11, 10), (0, 0)])
+def test_wilson_interval_refuses_what_is_not_a_proportion(correct, total):
+    with pytest.raises(ValueError, match="proportion"):
+        wilson_interval(correct, total)
+
+
+@pytest.mark.parametrize(
+    "only_a, only_b, expected",
+    [
+        (0, 0, 1.0),  # nothing discordant: no evidence either way
+        (3, 3, 1.0),  # an even split; 2 * P(X <= 3 | n = 6) = 2 * 42/64 > 1, capped
+        (1, 9, 0.021484375),  # 2 * (1 + 10) / 2^10 = 22/1024
+        (9, 1, 0.021484375),  # two-sided: symmetric
+        (0, 5, 0.0625),  # 2 * 1/32
+        (2, 10, 158 / 4096),  # 2 * (1 + 12 + 66) / 4096 = 158/4096
+    ],
+)
+def test_mcnemar_exact_against_the_binomial_by_hand(only_a, only_b, expected):
+    assert mcnemar_exact(only_a, only_b) == pytest.approx(expected, rel=1e-9)
+
+
+def test_mcnemar_exact_agrees_with_scipys_binomial_test():
+    from scipy.stats import binomtest
+
+    for only_a, only_b in ((4, 17), (30, 45), (600, 640), (7, 0)):
+        assert mcnemar_exact(only_a, only_b) == pytest.approx(binomtest(only_a, only_a + only_b).pvalue, rel=1e-9)
+
+
+def test_paired_test_counts_the_discordant_samples():
+    a = np.array([1, 1, 0, 0, 1, 0], bool)
+    b = np.array([1, 0, 1, 1, 1, 1], bool)  # a alone right once, b alone right 3 times
+    assert paired_test("a", a, "b", b) == {"p_value": 0.625, "only_a_right": 1, "only_b_right": 3}  # 2 * 5/16
+    with pytest.raises(ValueError, match="same samples"):
+        paired_test("a", a, "b", b[:5])
 
 
 def test_one_hot_labels_and_sigmoid_outputs():
@@ -114,27 +177,56 @@ def test_evaluate_writes_the_contract(evaluated):
     from tiny_project import MNIST_TEST, PHOTOS_PER_CLASS
 
     metrics = json.loads((evaluated / "metrics/evaluate.json").read_text())
-    assert set(metrics) == {"baseline", "feature_extraction", "fine_tuning"}
+    assert set(metrics) == {"baseline", "feature_extraction", "fine_tuning", "fine_tuning_vs_feature_extraction"}
     for name, samples in (("baseline", MNIST_TEST), ("fine_tuning", 2 * PHOTOS_PER_CLASS["test"])):
+        assert set(metrics[name]) == {
+            "test_accuracy", "test_accuracy_ci95", "test_loss", "test_samples", "mlflow_run_id"}  # no per-class block
         assert metrics[name]["test_samples"] == samples
         assert 0.0 <= metrics[name]["test_accuracy"] <= 1.0 and metrics[name]["test_loss"] > 0
-    assert sorted(metrics["baseline"]["per_class"]) == [str(i) for i in range(10)]
-    assert set(metrics["fine_tuning"]["per_class"]["dog"]) == {"precision", "recall", "f1", "support"}
+        low, high = metrics[name]["test_accuracy_ci95"]
+        assert 0.0 <= low <= metrics[name]["test_accuracy"] <= high <= 1.0
     plots = sorted(p.name for p in (evaluated / "plots/evaluate").iterdir())
     for name in ("baseline", "feature_extraction", "fine_tuning"):
         assert {f"confusion_{name}.csv", f"confusion_{name}.png", f"misclassified_{name}.png"} <= set(plots)
-    assert "gradcam_fine_tuning.png" in plots
+    assert {"gradcam_fine_tuning.png", "per_class.csv", "correct_mnist.csv", "correct_images.csv"} <= set(plots)
+
+
+def test_per_class_csv_has_every_class_of_every_model(evaluated):
+    frame = pd.read_csv(evaluated / "plots/evaluate/per_class.csv", dtype={"class": str})
+    assert list(frame.columns) == ["model", "class", "precision", "recall", "f1", "support"]
+    assert list(frame[frame["model"] == "baseline"]["class"]) == [str(i) for i in range(10)]
+    assert list(frame[frame["model"] == "fine_tuning"]["class"]) == ["cat", "dog"]
+    metrics = json.loads((evaluated / "metrics/evaluate.json").read_text())
+    for model, rows in frame.groupby("model"):
+        assert rows["support"].sum() == metrics[model]["test_samples"]
+
+
+def test_correct_csv_and_the_paired_test_agree_with_the_metrics(evaluated):
+    metrics = json.loads((evaluated / "metrics/evaluate.json").read_text())
+    digits = pd.read_csv(evaluated / "plots/evaluate/correct_mnist.csv")
+    photos = pd.read_csv(evaluated / "plots/evaluate/correct_images.csv")
+    assert list(digits.columns) == ["sample", "baseline"]
+    assert list(photos.columns) == ["sample", "feature_extraction", "fine_tuning"]
+    for frame, model in ((digits, "baseline"), (photos, "feature_extraction"), (photos, "fine_tuning")):
+        assert len(frame) == metrics[model]["test_samples"] and set(frame[model]) <= {0, 1}
+        assert frame[model].mean() == pytest.approx(metrics[model]["test_accuracy"])
+    paired = metrics["fine_tuning_vs_feature_extraction"]
+    only_fine, only_features = paired["only_fine_tuning_right"], paired["only_feature_extraction_right"]
+    assert only_fine == int(((photos["fine_tuning"] == 1) & (photos["feature_extraction"] == 0)).sum())
+    assert only_features == int(((photos["fine_tuning"] == 0) & (photos["feature_extraction"] == 1)).sum())
+    assert paired["p_value"] == mcnemar_exact(only_fine, only_features)
 
 
 def test_confusion_csv_agrees_with_the_metrics(evaluated):
     metrics = json.loads((evaluated / "metrics/evaluate.json").read_text())["fine_tuning"]
+    per_class = pd.read_csv(evaluated / "plots/evaluate/per_class.csv").set_index(["model", "class"])
     frame = pd.read_csv(evaluated / "plots/evaluate/confusion_fine_tuning.csv")
     assert list(frame.columns) == ["actual", "predicted"]
     assert set(frame["actual"]) == {"cat", "dog"} and len(frame) == metrics["test_samples"]
     assert (frame["actual"] == frame["predicted"]).mean() == pytest.approx(metrics["test_accuracy"])
     dog = frame[frame["predicted"] == "dog"]
     if len(dog):
-        assert (dog["actual"] == "dog").mean() == pytest.approx(metrics["per_class"]["dog"]["precision"])
+        assert (dog["actual"] == "dog").mean() == pytest.approx(per_class.loc[("fine_tuning", "dog"), "precision"])
 
 
 def test_evaluate_is_its_own_mlflow_run(evaluated):
@@ -146,7 +238,13 @@ def test_evaluate_is_its_own_mlflow_run(evaluated):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     metrics = json.loads((evaluated / "metrics/evaluate.json").read_text())
     assert metrics["baseline"]["mlflow_run_id"] == runs[0].info.run_id
-    assert runs[0].data.metrics["fine_tuning.test_accuracy"] == metrics["fine_tuning"]["test_accuracy"]
+    logged = runs[0].data.metrics
+    assert logged["fine_tuning.test_accuracy"] == metrics["fine_tuning"]["test_accuracy"]
+    assert [logged[f"baseline.test_accuracy_ci95_{end}"] for end in ("low", "high")] == metrics["baseline"][
+        "test_accuracy_ci95"]
+    assert logged["fine_tuning_vs_feature_extraction.p_value"] == metrics["fine_tuning_vs_feature_extraction"][
+        "p_value"]
+    assert "fine_tuning.recall.dog" in logged  # the per-class table is still in MLflow
     assert runs[0].data.params["evaluate.gradcam.layer"] == "block2_conv2"
     assert "inference_seconds.images" in runs[0].data.metrics
     artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id, "plots")}

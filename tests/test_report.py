@@ -108,6 +108,51 @@ def test_best_runs_table_names_the_params_that_differ():
     ]
 
 
+def model_result(name: str, right: int, samples: int, per_class: dict | None = None):
+    from pipeline.reporting.content import ModelResult
+    from pipeline.evaluation import wilson_interval
+
+    evaluation = {"test_accuracy": right / samples, "test_accuracy_ci95": list(wilson_interval(right, samples)),
+                  "test_loss": 0.5, "test_samples": samples}
+    return ModelResult(name, name.replace("_", " "), "test photos", {}, evaluation, per_class or {}, {}, "")
+
+
+@pytest.mark.parametrize("only_fine, only_features, verdict", [
+    (3, 3, "no measurable difference (p = 1.0, 12 vs 12 errors, 6 discordant)"),
+    (9, 1, "fine-tuning is better (p = 0.021, 4 vs 12 errors, 10 discordant)"),  # 2 * 11/1024
+    (1, 9, "fine-tuning is worse (p = 0.021, 20 vs 12 errors, 10 discordant)"),
+])
+def test_transfer_sentence_states_the_paired_test_in_words(only_fine, only_features, verdict):
+    from pipeline.evaluation import mcnemar_exact
+    from pipeline.reporting.content import transfer_sentence
+
+    features = model_result("feature_extraction", 88, 100)  # 12 errors
+    fine = model_result("fine_tuning", 88 + only_fine - only_features, 100)
+    paired = {"fine_tuning_vs_feature_extraction": {"p_value": mcnemar_exact(only_fine, only_features),
+                                                   "only_fine_tuning_right": only_fine,
+                                                   "only_feature_extraction_right": only_features}}
+    sentence = transfer_sentence([features, fine], paired)
+    assert sentence is not None and f"test photos: {verdict};" in sentence
+    assert transfer_sentence([features, fine], {}) is None  # no paired test, no claim
+
+
+def test_model_sentence_gives_the_interval_and_the_weakest_class():
+    from pipeline.reporting.content import model_sentence
+
+    per_class = {"cat": {"precision": 0.9, "recall": 0.8, "f1": 0.847, "support": 50},
+                 "dog": {"precision": 0.8, "recall": 0.9, "f1": 0.85, "support": 50}}
+    sentence = model_sentence(model_result("fine_tuning", 85, 100, per_class))
+    assert "85 of 100 test photos right (85.0%, 95% interval 76.7% to 90.7%;" in sentence  # Wilson 85/100
+    assert "Its weakest class is cat (F1 0.847" in sentence
+
+
+@pytest.mark.parametrize("p_value, shown", [(1.0, "1.0"), (0.021484375, "0.021"), (0.63, "0.63"), (3e-7, "< 0.0001")])
+def test_p_values_read_plainly(p_value, shown):
+    from pipeline.reporting.content import format_p
+
+    assert format_p(p_value) == shown
+
+
 @pytest.fixture(scope="module")
 def reported(tmp_path_factory):
     """A tiny project on which evaluate and then report have run (MLflow in a temp store)."""
@@ -148,6 +193,22 @@ def test_report_results_table_matches_evaluate(reported):
     assert [row[0] for row in rows] == ["Baseline convnet", "VGG16 feature extraction", "VGG16 fine-tuned"]
     expected = [round(metrics[name]["test_accuracy"], 4) for name in ("baseline", "feature_extraction", "fine_tuning")]
     assert [float(row[column]) for row in rows] == pytest.approx(expected)
+    shown = [float(end) for row in rows for end in row[headers.index("95% interval")].split(" - ")]
+    expected = [end for name in ("baseline", "feature_extraction", "fine_tuning")
+                for end in metrics[name]["test_accuracy_ci95"]]
+    assert shown == pytest.approx(expected, abs=5e-5)
+    markdown = (reported / "reports/report.md").read_text()
+    paired = metrics["fine_tuning_vs_feature_extraction"]
+    assert f"{paired['only_fine_tuning_right'] + paired['only_feature_extraction_right']} discordant" in markdown
+
+
+def test_report_per_class_table_is_read_from_per_class_csv(reported):
+    per_class = pd.read_csv(reported / "plots/evaluate/per_class.csv", dtype={"class": str})
+    page = (reported / "reports/report.html").read_text()
+    table = ElementTree.fromstring(re.search(r'<table id="per-class".*?</table>', page, re.S).group(0))
+    rows = [[cell.text for cell in row.iter("td")] for row in table.find("tbody")]
+    assert len(rows) == len(per_class)
+    assert [row[1] for row in rows] == list(per_class["class"])
 
 
 def test_report_is_an_mlflow_run_with_its_cost(reported):

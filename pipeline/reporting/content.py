@@ -24,6 +24,7 @@ class ModelResult:
     data: str  # its test data, e.g. "MNIST digits"
     training: dict  # the training stage's metrics file (epochs, seconds_per_epoch, ...)
     evaluation: dict  # its entry in evaluate.json
+    per_class: dict[str, dict]  # {class: {precision, recall, f1, support}}, from per_class.csv
     key_params: dict[str, object]  # the params that define it
     summary: str  # Keras' layer table (plots/<stage>/summary.txt)
     shapes: list[tuple[str, tuple]] = field(default_factory=list)  # (layer, output shape), in order
@@ -44,6 +45,7 @@ class Figures:
 @dataclass
 class ReportInputs:
     models: list[ModelResult]
+    paired: dict[str, dict]  # evaluate.json's paired tests, e.g. {"fine_tuning_vs_feature_extraction": {...}}
     figures: Figures
     provenance: dict  # {"mnist": {...}, "images": {...}, "weights": {...}}; see provenance_section
     timings: pd.DataFrame  # one row per stage: stage, run_id, started, seconds
@@ -52,8 +54,22 @@ class ReportInputs:
     generated: str  # when and from which commit, one line
 
 
+# The level at which a paired test calls a difference measurable: that of the 95% intervals.
+SIGNIFICANCE = 0.05
+
+
 def percent(value: float) -> str:
     return f"{100 * value:.1f}%"
+
+
+def format_p(p_value: float) -> str:
+    """A p-value to two significant digits ("1.0", "0.021"), tiny ones as a bound."""
+    return "< 0.0001" if p_value < 1e-4 else f"{p_value:.2g}" if p_value < 1 else "1.0"
+
+
+def format_interval(interval: Sequence[float]) -> str:
+    low, high = interval
+    return f"{low:.4f} - {high:.4f}"
 
 
 def format_params(values: dict[str, object]) -> str:
@@ -64,7 +80,8 @@ def format_params(values: dict[str, object]) -> str:
 
 
 def results_table(models: Sequence[ModelResult]) -> pd.DataFrame:
-    """One row per model: test accuracy and loss, test size, epochs, seconds per epoch, params."""
+    """One row per model: test accuracy with its 95% (Wilson) interval and loss, test size,
+    epochs, seconds per epoch, params."""
     rows = []
     for model in models:
         rows.append(
@@ -72,6 +89,7 @@ def results_table(models: Sequence[ModelResult]) -> pd.DataFrame:
                 "model": model.title,
                 "test data": model.data,
                 "test accuracy": round(model.evaluation["test_accuracy"], 4),
+                "95% interval": format_interval(model.evaluation["test_accuracy_ci95"]),
                 "test loss": round(model.evaluation["test_loss"], 4),
                 "test samples": model.evaluation["test_samples"],
                 "epochs": model.training.get("epochs"),
@@ -87,7 +105,7 @@ def per_class_table(models: Sequence[ModelResult]) -> pd.DataFrame:
     """One row per model and class: precision, recall, F1 and support on the test split."""
     rows = []
     for model in models:
-        for class_name, values in model.evaluation["per_class"].items():
+        for class_name, values in model.per_class.items():
             rows.append(
                 {
                     "model": model.title,
@@ -103,11 +121,11 @@ def per_class_table(models: Sequence[ModelResult]) -> pd.DataFrame:
 
 def model_sentence(model: ModelResult) -> str:
     """How one model did, in one or two plain sentences."""
-    scores = model.evaluation
-    per_class = scores["per_class"]
+    scores, per_class = model.evaluation, model.per_class
     worst = min(per_class, key=lambda name: per_class[name]["f1"])
     best = max(per_class, key=lambda name: per_class[name]["f1"])
     right = round(scores["test_accuracy"] * scores["test_samples"])
+    low, high = scores["test_accuracy_ci95"]
     training = ""
     epochs = model.training.get("epochs")
     if epochs:
@@ -122,7 +140,8 @@ def model_sentence(model: ModelResult) -> str:
             training += f", keeping epoch {kept}'s weights (the best validation loss)"
     return (
         f"{model.title} got {right} of {scores['test_samples']} {model.data} right "
-        f"({percent(scores['test_accuracy'])}, test loss {scores['test_loss']:.3f}){training}. "
+        f"({percent(scores['test_accuracy'])}, 95% interval {percent(low)} to {percent(high)}; "
+        f"test loss {scores['test_loss']:.3f}){training}. "
         f"Its weakest class is {worst} (F1 {per_class[worst]['f1']:.3f}: it found "
         f"{percent(per_class[worst]['recall'])} of them and was right "
         f"{percent(per_class[worst]['precision'])} of the times it said {worst}); "
@@ -130,22 +149,40 @@ def model_sentence(model: ModelResult) -> str:
     )
 
 
-def transfer_sentence(models: Sequence[ModelResult]) -> str | None:
-    """What fine-tuning changed against feature extraction, when both are in the report."""
+def errors(model: ModelResult) -> int:
+    scores = model.evaluation
+    return scores["test_samples"] - round(scores["test_accuracy"] * scores["test_samples"])
+
+
+def paired_verdict(p_value: float, better: bool, subject: str) -> str:
+    """ "no measurable difference", or "<subject> is better" / "worse" (at SIGNIFICANCE)."""
+    if p_value >= SIGNIFICANCE:
+        return "no measurable difference"
+    return f"{subject} is {'better' if better else 'worse'}"
+
+
+def transfer_sentence(models: Sequence[ModelResult], paired: dict[str, dict]) -> str | None:
+    """What fine-tuning changed against feature extraction, stated from their paired test
+    (McNemar's, on the same test photos), when both are in the report."""
     by_name = {model.name: model for model in models}
-    if not {"feature_extraction", "fine_tuning"} <= by_name.keys():
+    test = paired.get("fine_tuning_vs_feature_extraction")
+    if test is None or not {"feature_extraction", "fine_tuning"} <= by_name.keys():
         return None
-    before = by_name["feature_extraction"].evaluation["test_accuracy"]
-    after = by_name["fine_tuning"].evaluation["test_accuracy"]
-    change = 100 * (after - before)
-    verdict = "improved" if change > 0 else "did not improve"
+    before, after = by_name["feature_extraction"], by_name["fine_tuning"]
+    only_after, only_before = test["only_fine_tuning_right"], test["only_feature_extraction_right"]
+    change = 100 * (after.evaluation["test_accuracy"] - before.evaluation["test_accuracy"])
+    verdict = paired_verdict(test["p_value"], only_after > only_before, "fine-tuning")
     return (
-        f"Fine-tuning {verdict} on feature extraction: test accuracy {percent(before)} -> "
-        f"{percent(after)} ({change:+.1f} points) on the same test photos."
+        f"Fine-tuning against feature extraction, on the same test photos: {verdict} "
+        f"(p = {format_p(test['p_value'])}, {errors(after)} vs {errors(before)} errors, "
+        f"{only_after + only_before} discordant); test accuracy {percent(before.evaluation['test_accuracy'])} "
+        f"-> {percent(after.evaluation['test_accuracy'])} ({change:+.1f} points). The p-value is "
+        f"McNemar's exact test on the discordant photos, those only one of the two got right "
+        f"({only_after} only fine-tuning, {only_before} only feature extraction)."
     )
 
 
-def results_section(models: Sequence[ModelResult]) -> Section:
+def results_section(models: Sequence[ModelResult], paired: dict[str, dict]) -> Section:
     blocks: list[Block] = [
         Text(
             "Each model is scored once on its own held-out test split, which no training step "
@@ -155,7 +192,7 @@ def results_section(models: Sequence[ModelResult]) -> Section:
         Table(results_table(models), name="results"),
     ]
     blocks += [Text(model_sentence(model)) for model in models]
-    transfer = transfer_sentence(models)
+    transfer = transfer_sentence(models, paired)
     if transfer:
         blocks.append(Text(transfer))
     blocks += [
@@ -378,7 +415,7 @@ def build_report(inputs: ReportInputs) -> Report:
             f"visualised by the pipeline. {inputs.generated}"
         ),
         sections=[
-            results_section(inputs.models),
+            results_section(inputs.models, inputs.paired),
             training_section(inputs.figures),
             evaluation_section(inputs.figures),
             filters_section(inputs.figures),

@@ -2,11 +2,15 @@
 
 The baseline on the MNIST test digits; models/head.keras ("feature_extraction") and
 models/finetuned.keras ("fine_tuning") on the test photos, raw photos in, so the saved
-models are checked end to end. Writes metrics/evaluate.json (per model: test_accuracy,
-test_loss, test_samples, per-class precision/recall/f1) and plots/evaluate/: per model a
+models are checked end to end. Writes metrics/evaluate.json (the headline numbers: per model
+test_accuracy with its 95% Wilson interval test_accuracy_ci95, test_loss, test_samples; per
+two models scored on the same test set, e.g. fine_tuning_vs_feature_extraction, the exact
+McNemar p-value and the samples only one of them got right) and plots/evaluate/: per model a
 confusion CSV (one `actual,predicted` row per test sample: a DVC confusion plot), the
-confusion matrix and the misclassified examples as PNGs, and Grad-CAM heat maps of the
-fine-tuned model over test photos. One MLflow run, like every stage.
+confusion matrix and the misclassified examples as PNGs; per_class.csv (precision, recall,
+F1, support of every class of every model); per test set correct_<set>.csv (0/1 per sample
+and model, what the paired tests count); and Grad-CAM heat maps of the fine-tuned model over
+test photos. One MLflow run, like every stage.
 """
 
 from __future__ import annotations
@@ -14,14 +18,19 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline import catalog
-from pipeline.catalog import IMAGES, MNIST, MODELS
+from pipeline.catalog import IMAGES, MNIST, MODELS, PAIRS
 from pipeline.errors import UserError
 from pipeline.params import EvaluateParams, load_params
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 STAGE = catalog.STAGES["evaluate"]
 METRICS = catalog.EVALUATE_METRICS
@@ -43,7 +52,7 @@ class Evaluated:
     test: LabelledImages
     outputs: np.ndarray  # the model's outputs (N, K) or (N, 1): its logits when from_logits
     from_logits: bool
-    scores: dict
+    scores: dict  # its headline numbers in evaluate.json
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -54,6 +63,17 @@ class Evaluated:
     @property
     def predicted(self) -> np.ndarray:
         return self.probabilities.argmax(axis=1)
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.predicted == self.test.labels
+
+    @cached_property
+    def per_class(self) -> dict[str, dict]:
+        """{class: {precision, recall, f1, support}} on its test set."""
+        from pipeline.evaluation import per_class_metrics
+
+        return per_class_metrics(self.test.labels, self.predicted, self.test.class_names)
 
 
 def load_test_sets() -> dict[Path, LabelledImages]:
@@ -138,29 +158,75 @@ def model_figures(name: str, evaluated: Evaluated, p: EvaluateParams) -> dict:
     }
 
 
+def per_class_frame(evaluated: dict[str, Evaluated]) -> pd.DataFrame:
+    """per_class.csv: one row per model and class (model, class, precision, recall, f1, support)."""
+    import pandas as pd
+
+    rows = [
+        {"model": name, "class": class_name, **values}
+        for name, result in evaluated.items()
+        for class_name, values in result.per_class.items()
+    ]
+    return pd.DataFrame(rows, columns=["model", "class", "precision", "recall", "f1", "support"])
+
+
+def correct_frames(evaluated: dict[str, Evaluated]) -> dict[Path, pd.DataFrame]:
+    """{correct_<set>.csv: frame}: per test set, a `sample` index and a 0/1 column per model."""
+    import pandas as pd
+
+    frames = {}
+    for data in dict.fromkeys(trained.test_data for trained in MODELS.values()):
+        scored = {name: result.correct for name, result in evaluated.items() if MODELS[name].test_data == data}
+        samples = len(next(iter(scored.values())))
+        columns = {name: correct.astype(np.int8) for name, correct in scored.items()}
+        frames[catalog.evaluate_correct(data)] = pd.DataFrame({"sample": np.arange(samples), **columns})
+    return frames
+
+
 def write_plots(folder: Path, evaluated: dict[str, Evaluated], figures: dict) -> None:
-    """The confusion CSVs (class names, one row per test sample) and the figures, as PNGs."""
+    """The confusion CSVs (class names, one row per test sample), per_class.csv, the
+    correct_<set>.csv files and the figures, as PNGs."""
     import pandas as pd
 
     for name, result in evaluated.items():
         names = np.asarray(result.test.class_names)
         frame = pd.DataFrame({"actual": names[result.test.labels], "predicted": names[result.predicted]})
         frame.to_csv(folder / f"confusion_{name}.csv", index=False)
+    per_class_frame(evaluated).to_csv(folder / catalog.EVALUATE_PER_CLASS.name, index=False)
+    for path, correct in correct_frames(evaluated).items():
+        correct.to_csv(folder / path.name, index=False)
     for file_name, figure in figures.items():
         figure.savefig(folder / file_name, dpi=100)
 
 
-def mlflow_metrics(results: dict[str, dict]) -> dict[str, float]:
+def paired_tests(evaluated: dict[str, Evaluated]) -> dict[str, dict]:
+    """{"later_vs_earlier": {p_value, only_<later>_right, only_<earlier>_right}} for each pair
+    of models scored on the same test samples (catalog.PAIRS)."""
+    from pipeline.evaluation import paired_test
+
+    return {
+        key: paired_test(later, evaluated[later].correct, earlier, evaluated[earlier].correct)
+        for key, (later, earlier) in PAIRS.items()
+    }
+
+
+def mlflow_metrics(results: dict[str, dict], evaluated: dict[str, Evaluated]) -> dict[str, float]:
     """evaluate.json flattened to MLflow metric names: `model.test_accuracy`,
-    `model.precision.CLASS` (class names reduced to the characters MLflow accepts)."""
+    `model.test_accuracy_ci95_low` and `_high`, `fine_tuning_vs_feature_extraction.p_value`,
+    and the per-class table as `model.precision.CLASS` (class names reduced to the
+    characters MLflow accepts)."""
     flat = {}
-    for model, scores in results.items():
+    for model in MODELS:
         for key in ("test_accuracy", "test_loss", "test_samples"):
-            flat[f"{model}.{key}"] = float(scores[key])
-        for class_name, values in scores["per_class"].items():
+            flat[f"{model}.{key}"] = float(results[model][key])
+        low, high = results[model]["test_accuracy_ci95"]
+        flat[f"{model}.test_accuracy_ci95_low"], flat[f"{model}.test_accuracy_ci95_high"] = low, high
+        for class_name, values in evaluated[model].per_class.items():
             safe = re.sub(r"[^\w.\- /]", "_", class_name)
             for key in ("precision", "recall", "f1"):
                 flat[f"{model}.{key}.{safe}"] = values[key]
+    for pair in PAIRS:
+        flat.update({f"{pair}.{key}": float(value) for key, value in results[pair].items()})
     return flat
 
 
@@ -206,15 +272,26 @@ def run(params_file: Path) -> None:
         evaluated, timings = evaluate_models(models, test_sets, p)
         figures = all_figures(models, evaluated, p)
         # The run id in each model's entry ties evaluate.json to this MLflow run.
-        results = {name: {**result.scores, "mlflow_run_id": run.info.run_id} for name, result in evaluated.items()}
+        results: dict[str, dict] = {
+            name: {**result.scores, "mlflow_run_id": run.info.run_id} for name, result in evaluated.items()
+        }
+        results.update(paired_tests(evaluated))
         with atomic_path(PLOTS, directory=True) as plots:
             write_plots(plots, evaluated, figures)
         write_json(METRICS, results)
-        mlflow.log_metrics({**mlflow_metrics(results), **timings})
+        mlflow.log_metrics({**mlflow_metrics(results, evaluated), **timings})
         mlflow.log_artifacts(str(PLOTS), artifact_path="plots")
         mlflow.log_artifact(str(METRICS))
-    for name, result in results.items():
+    for name in MODELS:
+        result = results[name]
+        low, high = result["test_accuracy_ci95"]
         print(
-            f"{name}: test accuracy {result['test_accuracy']:.4f}, loss {result['test_loss']:.4f} "
-            f"on {result['test_samples']} samples"
+            f"{name}: test accuracy {result['test_accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), "
+            f"loss {result['test_loss']:.4f} on {result['test_samples']} samples"
+        )
+    for pair, (later, earlier) in PAIRS.items():
+        paired = results[pair]
+        print(
+            f"{later} vs {earlier}: McNemar p = {paired['p_value']:.4g} "
+            f"({paired[f'only_{later}_right']} vs {paired[f'only_{earlier}_right']} samples only one got right)"
         )

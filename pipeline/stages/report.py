@@ -19,7 +19,18 @@ import numpy as np
 import pandas as pd
 
 from pipeline import catalog
-from pipeline.catalog import EVALUATE_METRICS, EVALUATE_PLOTS, IMAGES, IMAGES_REPORT, MNIST, MODELS, REPORTS, WEIGHTS
+from pipeline.catalog import (
+    EVALUATE_METRICS,
+    EVALUATE_PER_CLASS,
+    EVALUATE_PLOTS,
+    IMAGES,
+    IMAGES_REPORT,
+    MNIST,
+    MODELS,
+    PAIRS,
+    REPORTS,
+    WEIGHTS,
+)
 from pipeline.errors import UserError
 from pipeline.params import Params, load_params
 from pipeline.reporting.content import Figures, ModelResult, ReportInputs
@@ -91,7 +102,19 @@ def spatial_shapes(model) -> list[tuple[str, tuple]]:
     return shapes + [(name, tuple(layer_output(model, name).shape[1:])) for name in layers]
 
 
+def per_class_results() -> dict[str, dict[str, dict]]:
+    """{model: {class: {precision, recall, f1, support}}} from evaluate's per_class.csv."""
+    # keep_default_na=False: a class named "NA" or "null" stays a name, not a missing value
+    frame = pd.read_csv(EVALUATE_PER_CLASS, dtype={"model": str, "class": str}, keep_default_na=False)
+    results: dict[str, dict[str, dict]] = {}
+    for row in frame.to_dict("records"):
+        values = {key: row[key] for key in ("precision", "recall", "f1", "support")}
+        results.setdefault(row["model"], {})[row["class"]] = values
+    return results
+
+
 def model_results(params: Params, evaluation: dict, models: dict) -> list[ModelResult]:
+    per_class = per_class_results()
     results = []
     for name, trained in MODELS.items():
         results.append(
@@ -101,6 +124,7 @@ def model_results(params: Params, evaluation: dict, models: dict) -> list[ModelR
                 data=TITLES[name][1],
                 training=json.loads(trained.metrics.read_text()),
                 evaluation=evaluation[name],
+                per_class=per_class[name],
                 key_params=key_params(name, params),
                 summary=(trained.plots / "summary.txt").read_text(encoding="utf-8"),
                 shapes=spatial_shapes(models[name]),
@@ -232,7 +256,7 @@ def mlflow_run_ids(evaluation: dict) -> dict[str, str]:
     run_ids = {
         trained.stage: json.loads(trained.metrics.read_text()).get("mlflow_run_id") for trained in MODELS.values()
     }
-    run_ids["evaluate"] = next(iter(evaluation.values())).get("mlflow_run_id")
+    run_ids["evaluate"] = evaluation[next(iter(MODELS))].get("mlflow_run_id")
     return run_ids
 
 
@@ -266,6 +290,7 @@ def make_report(params: Params, active_run: StageRun) -> tuple[Report, dict[str,
     report = build_report(
         ReportInputs(
             models=model_results(params, evaluation, models),
+            paired={key: evaluation[key] for key in PAIRS},
             figures=figures,
             provenance=provenance(params),
             timings=timings,
