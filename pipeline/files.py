@@ -30,6 +30,21 @@ def atomic_path(target: Path, directory: bool = False) -> Iterator[Path]:
     KeyboardInterrupt or SIGTERM) the temporary path is removed and `target` is untouched.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
+    temp: Path | None = None
+    try:
+        # A signal between creating the path and knowing its name would leave it behind
+        # (a kill right after an epoch's backup began did): held until `temp` is set.
+        with signals_deferred():
+            temp = _make_temp(target, directory)
+        yield temp
+        _replace(temp, target)
+    except BaseException:
+        if temp is not None:
+            _remove(temp)
+        raise
+
+
+def _make_temp(target: Path, directory: bool) -> Path:
     if directory:
         temp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + target.name + ".", dir=target.parent))
     else:
@@ -38,12 +53,7 @@ def atomic_path(target: Path, directory: bool = False) -> Iterator[Path]:
         temp = Path(name)
     # mkdtemp/mkstemp make private (0700/0600) paths; outputs get the usual permissions.
     temp.chmod((0o777 if directory else 0o666) & ~_umask())
-    try:
-        yield temp
-        _replace(temp, target)
-    except BaseException:
-        _remove(temp)
-        raise
+    return temp
 
 
 def _umask() -> int:
