@@ -31,12 +31,14 @@ EVALUATE_METRICS = Path("metrics/evaluate.json")
 EVALUATE_PLOTS = Path("plots/evaluate")
 # Inside evaluate's plots folder (so dvc.yaml's out covers them), not DVC metrics:
 EVALUATE_PER_CLASS = EVALUATE_PLOTS / "per_class.csv"  # model, class, precision, recall, f1, support
+# model, direction, pixels, correct, samples, accuracy, ci95_low, ci95_high: the MNIST models on shifted digits
+EVALUATE_TRANSLATION = EVALUATE_PLOTS / "translation.csv"
 REPORTS = Path("reports")
 
 
 @dataclass(frozen=True)
 class TrainedModel:
-    """One of the three trained classifiers, keyed as in metrics/evaluate.json."""
+    """One of the trained classifiers, keyed as in metrics/evaluate.json."""
 
     stage: str  # the training stage that writes it
     model: Path
@@ -52,6 +54,9 @@ class TrainedModel:
 MODELS: dict[str, TrainedModel] = {
     "baseline": TrainedModel(
         "train_baseline", Path("models/baseline.keras"), Path("metrics/baseline.json"), Path("plots/baseline"), MNIST
+    ),
+    "dense": TrainedModel(
+        "train_dense", Path("models/dense.keras"), Path("metrics/dense.json"), Path("plots/dense"), MNIST
     ),
     "feature_extraction": TrainedModel(
         "train_head", Path("models/head.keras"), Path("metrics/head.json"), Path("plots/head"), IMAGES
@@ -157,6 +162,9 @@ STAGES: dict[str, Stage] = {
             params=("seed", "mnist.validation_size"),
         ),
         _training("train_baseline", "Train the baseline convnet on MNIST; log it to MLflow.", "baseline", (MNIST,)),
+        _training(
+            "train_dense", "Train the Dense-only MNIST model (no convolution); log it to MLflow.", "dense", (MNIST,)
+        ),
         Stage(
             "download_images",
             "Download and safely extract the photos; keep the ones that decode.",
@@ -218,7 +226,17 @@ STAGES: dict[str, Stage] = {
             optional=(IMAGES_REPORT, WEIGHTS),  # provenance: what was skipped, the weights' sha256
             outputs=(REPORTS,),
             # shown in the report: the key params of each model and the data's provenance
-            params=("seed", "report", "baseline", "head", "finetune", "images.size", "mnist.files", "vgg16.weights"),
+            params=(
+                "seed",
+                "report",
+                "baseline",
+                "dense",
+                "head",
+                "finetune",
+                "images.size",
+                "mnist.files",
+                "vgg16.weights",
+            ),
         ),
     )
 }

@@ -168,3 +168,29 @@ def pick_examples(labels: np.ndarray, predicted: np.ndarray, count: int) -> np.n
     take_right = min(len(right), count - take_wrong)
     take_wrong = min(len(wrong), count - take_right)  # top up when there are few correct ones
     return np.concatenate([wrong[:take_wrong], right[:take_right]]).astype(np.int64)
+
+
+def pooled_curve(rows: Sequence[dict]) -> list[dict]:
+    """Accuracy against shift from per-direction counts, with each point's 95% Wilson interval.
+
+    In: {model, direction, pixels, correct, samples} rows (direction "none" at 0 pixels).
+    Out: the same rows with accuracy, ci95_low and ci95_high, and per model and shift a row of
+    direction "all" that pools the directions (at 0 pixels, the unshifted digits). The pooled
+    interval counts every shifted copy as a sample; copies of one digit are not independent,
+    so it is somewhat narrower than an interval over distinct digits would be.
+    """
+    out, pooled = [], {}
+    for row in rows:
+        out.append(_with_interval(dict(row)))
+        key = (row["model"], row["pixels"])
+        total = pooled.setdefault(
+            key, {"model": row["model"], "direction": "all", "pixels": row["pixels"], "correct": 0, "samples": 0}
+        )
+        total["correct"] += row["correct"]
+        total["samples"] += row["samples"]
+    return out + [_with_interval(row) for row in pooled.values()]
+
+
+def _with_interval(row: dict) -> dict:
+    low, high = wilson_interval(row["correct"], row["samples"])
+    return {**row, "accuracy": row["correct"] / row["samples"], "ci95_low": low, "ci95_high": high}

@@ -80,6 +80,22 @@ class BaselineParams(Section):
     batch_size: PositiveInt
     epochs: PositiveInt
     early_stopping_patience: Annotated[int, Field(ge=0)]  # 0 = off
+    # What the first layer sees: the prepared pixels in [0, 1] times this (1 = as prepared;
+    # 255 = the raw 0-255 pixel values, for the normalisation study).
+    input_scale: Annotated[float, Field(gt=0.0, le=1000.0)]
+
+
+class DenseParams(Section):
+    """The Dense-only MNIST model: Flatten -> Dense layers -> Dropout -> softmax."""
+
+    units: Annotated[list[PositiveInt], Field(min_length=1, max_length=8)]  # one Dense layer per entry
+    dropout: Probability
+    optimizer: Optimizer
+    learning_rate: LearningRate
+    lr_schedule: Literal["constant", "cosine"]
+    batch_size: PositiveInt
+    epochs: PositiveInt
+    early_stopping_patience: Annotated[int, Field(ge=0)]  # 0 = off
 
 
 class PerClass(Section):
@@ -131,10 +147,18 @@ class GradcamParams(Section):
     layer: Annotated[str, Field(min_length=1)]  # conv layer of the fine-tuned model to explain
 
 
+class TranslationParams(Section):
+    """The MNIST models scored on test digits shifted 0..max_shift pixels right, left, down, up."""
+
+    max_shift: Annotated[int, Field(ge=0)]  # pixels; must be smaller than the digits (checked on the data)
+    samples: Annotated[int, Field(ge=0)]  # the first test digits shifted (0 = all of them)
+
+
 class EvaluateParams(Section):
     batch_size: PositiveInt  # test samples per forward pass
     misclassified: Annotated[int, Field(ge=1, le=100)]  # misclassified examples drawn per model
     gradcam: GradcamParams
+    translation: TranslationParams
 
 
 def _odd(value: int) -> int:
@@ -169,6 +193,7 @@ class Params(Section):
     train: TrainParams
     mnist: MnistParams
     baseline: BaselineParams
+    dense: DenseParams
     images: ImagesParams
     vgg16: Vgg16Params
     features: FeaturesParams

@@ -177,7 +177,8 @@ def test_evaluate_writes_the_contract(evaluated):
     from tiny_project import MNIST_TEST, PHOTOS_PER_CLASS
 
     metrics = json.loads((evaluated / "metrics/evaluate.json").read_text())
-    assert set(metrics) == {"baseline", "feature_extraction", "fine_tuning", "fine_tuning_vs_feature_extraction"}
+    assert set(metrics) == {"baseline", "dense", "feature_extraction", "fine_tuning", "dense_vs_baseline",
+                            "fine_tuning_vs_feature_extraction", "translation"}
     for name, samples in (("baseline", MNIST_TEST), ("fine_tuning", 2 * PHOTOS_PER_CLASS["test"])):
         assert set(metrics[name]) == {
             "test_accuracy", "test_accuracy_ci95", "test_loss", "test_samples", "mlflow_run_id"}  # no per-class block
@@ -186,9 +187,10 @@ def test_evaluate_writes_the_contract(evaluated):
         low, high = metrics[name]["test_accuracy_ci95"]
         assert 0.0 <= low <= metrics[name]["test_accuracy"] <= high <= 1.0
     plots = sorted(p.name for p in (evaluated / "plots/evaluate").iterdir())
-    for name in ("baseline", "feature_extraction", "fine_tuning"):
+    for name in ("baseline", "dense", "feature_extraction", "fine_tuning"):
         assert {f"confusion_{name}.csv", f"confusion_{name}.png", f"misclassified_{name}.png"} <= set(plots)
-    assert {"gradcam_fine_tuning.png", "per_class.csv", "correct_mnist.csv", "correct_images.csv"} <= set(plots)
+    assert {"gradcam_fine_tuning.png", "per_class.csv", "correct_mnist.csv", "correct_images.csv",
+            "translation.csv", "translation.png"} <= set(plots)
 
 
 def test_per_class_csv_has_every_class_of_every_model(evaluated):
@@ -205,7 +207,7 @@ def test_correct_csv_and_the_paired_test_agree_with_the_metrics(evaluated):
     metrics = json.loads((evaluated / "metrics/evaluate.json").read_text())
     digits = pd.read_csv(evaluated / "plots/evaluate/correct_mnist.csv")
     photos = pd.read_csv(evaluated / "plots/evaluate/correct_images.csv")
-    assert list(digits.columns) == ["sample", "baseline"]
+    assert list(digits.columns) == ["sample", "baseline", "dense"]
     assert list(photos.columns) == ["sample", "feature_extraction", "fine_tuning"]
     for frame, model in ((digits, "baseline"), (photos, "feature_extraction"), (photos, "fine_tuning")):
         assert len(frame) == metrics[model]["test_samples"] and set(frame[model]) <= {0, 1}
@@ -249,6 +251,40 @@ def test_evaluate_is_its_own_mlflow_run(evaluated):
     assert "inference_seconds.images" in runs[0].data.metrics
     artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id, "plots")}
     assert "plots/gradcam_fine_tuning.png" in artifacts
+
+
+def test_the_translation_curve_starts_at_the_test_accuracy_and_ends_at_the_headline(evaluated):
+    metrics = json.loads((evaluated / "metrics/evaluate.json").read_text())
+    curve = pd.read_csv(evaluated / "plots/evaluate/translation.csv")
+    headline = metrics["translation"]
+    assert headline["max_shift"] == 2 and set(curve["model"]) == {"baseline", "dense"}
+    assert set(curve["direction"]) == {"none", "right", "left", "down", "up", "all"}
+    pooled = curve[curve["direction"] == "all"].set_index(["model", "pixels"])
+    for model in ("baseline", "dense"):
+        assert pooled.loc[(model, 0), "accuracy"] == pytest.approx(metrics[model]["test_accuracy"])
+        assert pooled.loc[(model, 1), "samples"] == 4 * metrics[model]["test_samples"]  # four directions
+        end = pooled.loc[(model, 2)]
+        assert headline[model] == {"accuracy": pytest.approx(end["accuracy"]),
+                                   "accuracy_ci95": [pytest.approx(end["ci95_low"]), pytest.approx(end["ci95_high"])]}
+    each = curve[curve["direction"] == "right"]
+    assert (each["correct"] / each["samples"]).tolist() == pytest.approx(each["accuracy"].tolist())
+
+
+def test_a_shift_range_larger_than_the_digits_is_a_user_error(evaluated, monkeypatch):
+    from ruamel.yaml import YAML
+
+    from pipeline.errors import UserError
+    from pipeline.stages import evaluate
+
+    params = YAML(typ="safe", pure=True).load((evaluated / "params.yaml").read_text())
+    params["evaluate"]["translation"]["max_shift"] = 28
+    monkeypatch.chdir(evaluated)
+    bad = evaluated / "bad_shift.yaml"
+    YAML().dump(params, bad)
+    before = (evaluated / "metrics/evaluate.json").read_text()
+    with pytest.raises(UserError, match=r"^evaluate.translation.max_shift: 28 pixels .* choose at most 27$"):
+        evaluate.run(bad)
+    assert (evaluated / "metrics/evaluate.json").read_text() == before
 
 
 def test_a_gradcam_layer_that_is_not_a_conv_layer_is_a_user_error(evaluated, monkeypatch):

@@ -175,8 +175,9 @@ def test_report_stage_writes_markdown_html_and_figures(reported):
         assert name in linked
     for heading in ("## Results", "## Training curves", "## What the filters respond to",
                     "## Models: layers and output shapes", "## Data", "## How long each stage took",
-                    "## Comparison with earlier runs"):
+                    "## Comparison with earlier runs", "## Translation invariance"):
         assert heading in markdown
+    assert "translation.png" in linked
     assert "VGG16 fine-tuned: input 32x32x3 -> block1_conv1 32x32x4 -> block1_pool 16x16x4" in markdown
     assert not any("vgg_preprocess" in name for name in linked)  # preprocessing is not a filter
     assert "skipped cat/666.jpg: not an image" in markdown  # provenance from images_report.json
@@ -190,12 +191,13 @@ def test_report_results_table_matches_evaluate(reported):
     headers = [cell.text for cell in table.iter("th")]
     rows = [[cell.text for cell in row.iter("td")] for row in table.find("tbody")]
     column = headers.index("test accuracy")
-    assert [row[0] for row in rows] == ["Baseline convnet", "VGG16 feature extraction", "VGG16 fine-tuned"]
-    expected = [round(metrics[name]["test_accuracy"], 4) for name in ("baseline", "feature_extraction", "fine_tuning")]
+    models = ("baseline", "dense", "feature_extraction", "fine_tuning")
+    assert [row[0] for row in rows] == ["Baseline convnet", "Dense-only network", "VGG16 feature extraction",
+                                        "VGG16 fine-tuned"]
+    expected = [round(metrics[name]["test_accuracy"], 4) for name in models]
     assert [float(row[column]) for row in rows] == pytest.approx(expected)
     shown = [float(end) for row in rows for end in row[headers.index("95% interval")].split(" - ")]
-    expected = [end for name in ("baseline", "feature_extraction", "fine_tuning")
-                for end in metrics[name]["test_accuracy_ci95"]]
+    expected = [end for name in models for end in metrics[name]["test_accuracy_ci95"]]
     assert shown == pytest.approx(expected, abs=5e-5)
     markdown = (reported / "reports/report.md").read_text()
     paired = metrics["fine_tuning_vs_feature_extraction"]
@@ -240,7 +242,7 @@ def test_report_html_renders_in_headless_chromium(reported):
     seen = json.loads(html.unescape(found.group(1)))
     assert seen["images"] == page.count("<img ") > 10
     assert all(width > 0 for width in seen["widths"]), f"pictures that did not decode: {seen['widths']}"
-    assert seen["results_rows"] == 3
+    assert seen["results_rows"] == 4
     assert "test accuracy" in seen["results_headers"]
 
 

@@ -29,7 +29,9 @@ def tiny_params() -> dict:
     params["mlflow"]["experiment"] = "tiny"
     params["images"]["size"] = IMAGE_SIZE
     params["baseline"].update(conv_filters=[4, 4], dense_units=8)
-    params["evaluate"] = {"batch_size": 4, "misclassified": 4, "gradcam": {"photos": 4, "layer": "block2_conv2"}}
+    params["dense"].update(units=[8])
+    params["evaluate"] = {"batch_size": 4, "misclassified": 4, "gradcam": {"photos": 4, "layer": "block2_conv2"},
+                          "translation": {"max_shift": 2, "samples": 0}}
     params["report"] = {
         "image_index": 1,
         "activation_channels": 2,
@@ -91,14 +93,16 @@ def vgg_like(seed: int):
 
 
 def write_models(root: Path, params: dict) -> dict:
-    """models/baseline.keras, head.keras and finetuned.keras; returns them by stage."""
+    """models/baseline.keras, dense.keras, head.keras and finetuned.keras; returns them by stage."""
     import keras
 
     from pipeline.models.baseline import build_baseline
+    from pipeline.models.dense import build_dense
     from pipeline.params import parse_params
 
     keras.utils.set_random_seed(0)
     baseline = build_baseline((28, 28, 1), 10, parse_params(params).baseline)
+    dense = build_dense((28, 28, 1), 10, parse_params(params).dense)
     head = vgg_like(seed=1)
     finetuned = vgg_like(seed=1)
     # "Fine-tuning" changed the top conv layer and the head; the layers below are shared.
@@ -106,8 +110,9 @@ def write_models(root: Path, params: dict) -> dict:
         layer = finetuned.get_layer(name)
         layer.set_weights([w * 1.5 + 0.01 for w in layer.get_weights()])
     (root / "models").mkdir()
-    models = {"train_baseline": baseline, "train_head": head, "finetune": finetuned}
-    for stage, file_name in (("train_baseline", "baseline"), ("train_head", "head"), ("finetune", "finetuned")):
+    models = {"train_baseline": baseline, "train_dense": dense, "train_head": head, "finetune": finetuned}
+    for stage, file_name in (("train_baseline", "baseline"), ("train_dense", "dense"), ("train_head", "head"),
+                             ("finetune", "finetuned")):
         models[stage].save(root / "models" / f"{file_name}.keras")
     return models
 
@@ -130,7 +135,7 @@ def write_training_outputs(root: Path, params: dict, models: dict) -> dict[str, 
     with stage_run("train_baseline", earlier, [], experiment):
         mlflow.log_metrics({"test_accuracy": 0.99, "test_loss": 0.05})
     run_ids = {}
-    sections = {"train_baseline": ("baseline", "baseline"), "train_head": ("head", "head"),
+    sections = {"train_baseline": ("baseline", "baseline"), "train_dense": ("dense", "dense"), "train_head": ("head", "head"),
                 "finetune": ("finetune", "finetune")}
     for stage, (section, file_name) in sections.items():
         with stage_run(stage, {section: params[section]}, [], experiment) as run:

@@ -12,11 +12,16 @@ from pipeline.params import BaselineParams
 def build_baseline(input_shape: tuple[int, ...], num_classes: int, p: BaselineParams) -> keras.Model:
     """Conv/pool stack -> Flatten -> Dense -> Dropout -> softmax.
 
+    With `input_scale` other than 1 a Rescaling layer first multiplies the pixels (in [0, 1]
+    as prepared) by it: 255 feeds the convolutions raw 0-255 values.
+
     Each conv layer but the last is followed by max pooling (the classic 32-64-64 stack);
     `pool_size: 0` leaves pooling out. A stack that shrinks the input below one pixel is a
     UserError naming the baseline params.
     """
     stack: list[keras.Layer] = []
+    if p.input_scale != 1.0:  # the default model has no such layer: it stays as it was
+        stack.append(layers.Rescaling(p.input_scale, name="input_scale"))
     for i, filters in enumerate(p.conv_filters, start=1):
         stack.append(
             layers.Conv2D(

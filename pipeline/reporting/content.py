@@ -43,6 +43,16 @@ class Figures:
 
 
 @dataclass
+class Translation:
+    """The MNIST models on shifted test digits (evaluate's translation.csv)."""
+
+    curve: list[dict]  # {model, direction, pixels, correct, samples, accuracy, ci95_low, ci95_high}
+    max_shift: int
+    titles: dict[str, str]  # {model: what a reader calls it}, the convnet first
+    figure: Picture
+
+
+@dataclass
 class ReportInputs:
     models: list[ModelResult]
     paired: dict[str, dict]  # evaluate.json's paired tests, e.g. {"fine_tuning_vs_feature_extraction": {...}}
@@ -52,6 +62,7 @@ class ReportInputs:
     earlier: pd.DataFrame  # one row per stage: this run vs the best run (see comparison_section)
     visualize_seconds: dict[str, float]  # what the report's own pictures cost
     generated: str  # when and from which commit, one line
+    translation: Translation | None = None  # the translation test, when evaluate ran it
 
 
 # The level at which a paired test calls a difference measurable: that of the 95% intervals.
@@ -203,6 +214,71 @@ def results_section(models: Sequence[ModelResult], paired: dict[str, dict]) -> S
         Table(per_class_table(models), name="per-class"),
     ]
     return Section("Results", blocks)
+
+
+# ---------------------------------------------------------------------------- translation
+
+
+def _pooled(translation: Translation, model: str, pixels: int) -> dict:
+    return next(
+        row
+        for row in translation.curve
+        if row["model"] == model and row["direction"] == "all" and row["pixels"] == pixels
+    )
+
+
+def translation_sentences(translation: Translation) -> list[str]:
+    """What the curves show, read from the numbers: each model's accuracy unshifted and at the
+    largest shift with intervals, how many points it lost, and which lost more (measurably, when
+    the two intervals at the largest shift do not overlap)."""
+    top = translation.max_shift
+    drops, sentences = {}, []
+    for model, title in translation.titles.items():
+        start, end = _pooled(translation, model, 0), _pooled(translation, model, top)
+        drops[model] = 100 * (start["accuracy"] - end["accuracy"])
+        sentences.append(
+            f"{title}: {percent(start['accuracy'])} on the unshifted digits, {percent(end['accuracy'])} "
+            f"(95% interval {percent(end['ci95_low'])} to {percent(end['ci95_high'])}) when they are moved "
+            f"{top} pixel{'s' if top != 1 else ''}, a change of {-drops[model]:+.1f} points."
+        )
+    if len(drops) == 2 and top > 0:
+        (a, drop_a), (b, drop_b) = sorted(drops.items(), key=lambda item: item[1])
+        end_a, end_b = _pooled(translation, a, top), _pooled(translation, b, top)
+        overlap = end_a["ci95_low"] <= end_b["ci95_high"] and end_b["ci95_low"] <= end_a["ci95_high"]
+        title_a, title_b = translation.titles[a], translation.titles[b]
+        if overlap:
+            sentences.append(
+                f"At {top} pixels the two intervals overlap: this run does not show that one model "
+                f"tolerates the shift better than the other."
+            )
+        else:
+            sentences.append(
+                f"So the {title_a} tolerates the shift better: it lost {drop_a:.1f} points where the "
+                f"{title_b} lost {drop_b:.1f}, and at {top} pixels their intervals do not overlap."
+            )
+    return sentences
+
+
+def translation_section(translation: Translation | None) -> Section | None:
+    if translation is None:
+        return None
+    return Section(
+        "Translation invariance",
+        [
+            Text(
+                "A convolution applies the same filters at every position, and pooling discards some "
+                "of where a pattern was; a Dense layer gives every pixel a weight of its own, so to it "
+                "a digit moved by a few pixels is a new input. Both MNIST models were scored on the "
+                f"same test digits moved 0 to {translation.max_shift} pixels right, left, down and up, "
+                "with black (zero) pixels filled in where the digit moved away. The thick line pools "
+                "the four directions (its band: the 95% Wilson interval over every shifted copy, "
+                "which counts the four copies of a digit as separate samples); the dashed lines are "
+                "the directions one by one."
+            ),
+            translation.figure,
+            *(Text(sentence) for sentence in translation_sentences(translation)),
+        ],
+    )
 
 
 # ---------------------------------------------------------------------------- pictures
@@ -416,6 +492,7 @@ def build_report(inputs: ReportInputs) -> Report:
         ),
         sections=[
             results_section(inputs.models, inputs.paired),
+            *([translation] if (translation := translation_section(inputs.translation)) else []),
             training_section(inputs.figures),
             evaluation_section(inputs.figures),
             filters_section(inputs.figures),

@@ -293,6 +293,8 @@ class Trained:
     fit: FitResult
     test_loss: float
     test_accuracy: float
+    test_samples: int  # the test accuracy's sample count, for its interval
+    validation_samples: int  # the validation accuracies' sample count (0: no validation split)
     saved_model: Any = None  # what is saved and logged, when not `model` (the VGG stages' whole classifier)
 
     @property
@@ -318,8 +320,9 @@ def publish_training(run: StageRun, trained: Trained, *, figures: dict, example:
 
     paths, result, saved = model_of(run.stage), trained.fit, trained.to_save
     metrics = {
-        "test_accuracy": float(trained.test_accuracy),
+        **accuracy_with_interval("test", trained.test_accuracy, trained.test_samples),
         "test_loss": float(trained.test_loss),
+        **kept_validation_accuracy(result, trained.validation_samples),
         "epochs": int(len(result.history)),
         "kept_epoch": result.kept_epoch,  # early stopping's pick (0: the starting weights)
         "seconds_per_epoch": round(result.seconds_per_epoch, 3),
@@ -334,9 +337,76 @@ def publish_training(run: StageRun, trained: Trained, *, figures: dict, example:
             figure.savefig(plots / name, dpi=100)
     save_model(saved, paths.model)
     write_json(paths.metrics, metrics)
-    mlflow.log_metrics({k: v for k, v in metrics.items() if k != "mlflow_run_id"})
+    mlflow.log_metrics(mlflow_metrics(metrics))
     mlflow.log_text(summary, "model_summary_saved.txt")
     mlflow.log_artifacts(str(paths.plots), artifact_path="plots")
     log_model(saved, example)
     discard(run.stage)  # the outputs are complete: nothing left to resume
     return metrics
+
+
+def accuracy_with_interval(split: str, accuracy: float, samples: int) -> dict:
+    """{<split>_accuracy, <split>_accuracy_ci95: [low, high] (95% Wilson), <split>_samples}."""
+    from pipeline.evaluation import wilson_interval
+
+    correct = round(accuracy * samples)
+    return {
+        f"{split}_accuracy": float(accuracy),
+        f"{split}_accuracy_ci95": list(wilson_interval(correct, samples)),
+        f"{split}_samples": int(samples),
+    }
+
+
+def kept_validation_accuracy(result: FitResult, samples: int) -> dict:
+    """The validation accuracy of the weights the model ends with (early stopping's pick, else
+    the last epoch's), with its interval; {} without a validation split."""
+    history = result.history
+    if not samples or "val_accuracy" not in history.columns or history.empty:
+        return {}
+    kept = result.kept_epoch if result.kept_epoch is not None else len(history)
+    if kept == 0:  # the starting weights were kept
+        accuracy = (result.start_validation or {}).get("accuracy")
+        if accuracy is None:
+            return {}
+    else:
+        accuracy = float(history["val_accuracy"].iloc[kept - 1])
+    return accuracy_with_interval("validation", float(accuracy), samples)
+
+
+def mlflow_metrics(metrics: dict) -> dict[str, float]:
+    """A metrics file as MLflow metrics: numbers as they are, an interval [low, high] as
+    `<name>_low` and `<name>_high` (what `pipeline compare` shows beside its metric)."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, list) and len(value) == 2:
+            flat[f"{key}_low"], flat[f"{key}_high"] = float(value[0]), float(value[1])
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[key] = float(value)
+    return flat
+
+
+def train_classifier(
+    model, arrays: dict[str, np.ndarray], p: Any, params: Params, replicas: int, run: StageRun | None
+) -> Trained:
+    """Fit the compiled MNIST `model` on `arrays` (x_/y_ train, validation, test) with the
+    section `p` (batch_size, epochs, early_stopping_patience) and test it."""
+    result = fit(
+        model,
+        (arrays["x_train"], arrays["y_train"]),
+        (arrays["x_validation"], arrays["y_validation"]),
+        epochs=p.epochs,
+        batch_size=p.batch_size * replicas,
+        early_stopping_patience=p.early_stopping_patience,
+        tf_data=params.train.tf_data,
+        shuffle_seed=params.seed,
+        run=run,
+    )
+    test_loss, test_accuracy = model.evaluate(arrays["x_test"], arrays["y_test"], batch_size=256, verbose=0)
+    return Trained(
+        model=model,
+        fit=result,
+        test_loss=float(test_loss),
+        test_accuracy=float(test_accuracy),
+        test_samples=len(arrays["x_test"]),
+        validation_samples=len(arrays["x_validation"]),
+    )

@@ -27,7 +27,7 @@ import numpy as np
 from pipeline import catalog
 from pipeline.catalog import IMAGES, MNIST, MODELS, PAIRS
 from pipeline.errors import UserError
-from pipeline.params import EvaluateParams, load_params
+from pipeline.params import EvaluateParams, TranslationParams, load_params
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -36,6 +36,8 @@ STAGE = catalog.STAGES["evaluate"]
 METRICS = catalog.EVALUATE_METRICS
 PLOTS = catalog.EVALUATE_PLOTS
 GRADCAM_MODEL = "fine_tuning"
+TRANSLATED = [name for name, trained in MODELS.items() if trained.test_data == MNIST]  # scored on shifted digits
+TRANSLATION_TITLES = {"baseline": "convnet (baseline)", "dense": "Dense-only"}
 
 
 @dataclass
@@ -183,9 +185,9 @@ def correct_frames(evaluated: dict[str, Evaluated]) -> dict[Path, pd.DataFrame]:
     return frames
 
 
-def write_plots(folder: Path, evaluated: dict[str, Evaluated], figures: dict) -> None:
+def write_plots(folder: Path, evaluated: dict[str, Evaluated], figures: dict, translation: list[dict]) -> None:
     """The confusion CSVs (class names, one row per test sample), per_class.csv, the
-    correct_<set>.csv files and the figures, as PNGs."""
+    correct_<set>.csv files, translation.csv (the translation curve) and the figures, as PNGs."""
     import pandas as pd
 
     for name, result in evaluated.items():
@@ -195,6 +197,8 @@ def write_plots(folder: Path, evaluated: dict[str, Evaluated], figures: dict) ->
     per_class_frame(evaluated).to_csv(folder / catalog.EVALUATE_PER_CLASS.name, index=False)
     for path, correct in correct_frames(evaluated).items():
         correct.to_csv(folder / path.name, index=False)
+    if translation:
+        pd.DataFrame(translation).to_csv(folder / catalog.EVALUATE_TRANSLATION.name, index=False)
     for file_name, figure in figures.items():
         figure.savefig(folder / file_name, dpi=100)
 
@@ -230,6 +234,18 @@ def mlflow_metrics(results: dict[str, dict], evaluated: dict[str, Evaluated]) ->
     return flat
 
 
+def log_translation_curve(curve: list[dict]) -> None:
+    """The pooled curve as MLflow metrics with step = pixels (the MLflow UI draws it):
+    `translation.<model>.accuracy` and its `_ci95_low` / `_ci95_high`."""
+    import mlflow
+
+    for row in curve:
+        if row["direction"] == "all":
+            name = f"translation.{row['model']}.accuracy"
+            values = {name: row["accuracy"], f"{name}_ci95_low": row["ci95_low"], f"{name}_ci95_high": row["ci95_high"]}
+            mlflow.log_metrics(values, step=row["pixels"])
+
+
 def evaluate_models(
     models: dict, test_sets: dict[Path, LabelledImages], p: EvaluateParams
 ) -> tuple[dict[str, Evaluated], dict]:
@@ -243,6 +259,34 @@ def evaluate_models(
         scores = score(test.labels, result, test.class_names, from_logits)
         evaluated[name] = Evaluated(test, result, from_logits, scores)
     return evaluated, timings
+
+
+def translation_scores(models: dict, digits: LabelledImages, p: TranslationParams, batch_size: int) -> list[dict]:
+    """The MNIST models on the first `p.samples` test digits shifted 0..`p.max_shift` pixels in
+    each direction (zero fill): evaluation.pooled_curve's rows (per direction, and pooled)."""
+    from pipeline.data.shift import shifted_sets
+    from pipeline.evaluation import pooled_curve
+
+    images, labels = digits.images[: p.samples or None], digits.labels[: p.samples or None]
+    rows = []
+    for direction, pixels, shifted in shifted_sets(images, p.max_shift):
+        for name in TRANSLATED:
+            predicted = models[name].predict(shifted, batch_size=batch_size, verbose=0).argmax(axis=1)
+            correct = int(np.sum(predicted == labels))
+            rows.append(
+                {"model": name, "direction": direction, "pixels": pixels, "correct": correct, "samples": len(labels)}
+            )
+    return pooled_curve(rows)
+
+
+def translation_headline(curve: list[dict], max_shift: int) -> dict:
+    """evaluate.json's `translation`: per MNIST model the accuracy at the largest shift (the
+    four directions pooled) with its 95% interval; the whole curve is plots/evaluate/translation.csv."""
+    headline: dict = {"max_shift": max_shift}
+    for row in curve:
+        if row["direction"] == "all" and row["pixels"] == max_shift:
+            headline[row["model"]] = {"accuracy": row["accuracy"], "accuracy_ci95": [row["ci95_low"], row["ci95_high"]]}
+    return headline
 
 
 def all_figures(models: dict, evaluated: dict[str, Evaluated], p: EvaluateParams) -> dict:
@@ -261,25 +305,34 @@ def run(params_file: Path) -> None:
     import mlflow
 
     import pipeline.models.vgg  # noqa: F401 - registers VGGPreprocess, which the VGG models hold
+    from pipeline.data.shift import check_max_shift
     from pipeline.files import atomic_path, write_json
     from pipeline.tracking import tracked
+    from pipeline.viz.translation import translation_figure
 
     p = params.evaluate
     catalog.require_inputs(STAGE)
     test_sets = load_test_sets()
+    check_max_shift(p.translation.max_shift, test_sets[MNIST].images.shape[1:], "evaluate.translation.max_shift")
     with tracked(STAGE, params) as run:
         models = {name: keras.models.load_model(trained.model) for name, trained in MODELS.items()}
         evaluated, timings = evaluate_models(models, test_sets, p)
         figures = all_figures(models, evaluated, p)
+        started = time.perf_counter()
+        translation = translation_scores(models, test_sets[MNIST], p.translation, p.batch_size)
+        timings["translation_seconds"] = round(time.perf_counter() - started, 3)
+        figures["translation.png"] = translation_figure(translation, TRANSLATION_TITLES)
         # The run id in each model's entry ties evaluate.json to this MLflow run.
         results: dict[str, dict] = {
             name: {**result.scores, "mlflow_run_id": run.info.run_id} for name, result in evaluated.items()
         }
         results.update(paired_tests(evaluated))
+        results["translation"] = translation_headline(translation, p.translation.max_shift)
         with atomic_path(PLOTS, directory=True) as plots:
-            write_plots(plots, evaluated, figures)
+            write_plots(plots, evaluated, figures, translation)
         write_json(METRICS, results)
         mlflow.log_metrics({**mlflow_metrics(results, evaluated), **timings})
+        log_translation_curve(translation)
         mlflow.log_artifacts(str(PLOTS), artifact_path="plots")
         mlflow.log_artifact(str(METRICS))
     for name in MODELS:
@@ -289,6 +342,9 @@ def run(params_file: Path) -> None:
             f"{name}: test accuracy {result['test_accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), "
             f"loss {result['test_loss']:.4f} on {result['test_samples']} samples"
         )
+    for name, values in results["translation"].items():
+        if isinstance(values, dict):
+            print(f"{name}: accuracy {values['accuracy']:.4f} on test digits shifted {p.translation.max_shift} px")
     for pair, (later, earlier) in PAIRS.items():
         paired = results[pair]
         print(

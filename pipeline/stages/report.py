@@ -23,6 +23,7 @@ from pipeline.catalog import (
     EVALUATE_METRICS,
     EVALUATE_PER_CLASS,
     EVALUATE_PLOTS,
+    EVALUATE_TRANSLATION,
     IMAGES,
     IMAGES_REPORT,
     MNIST,
@@ -46,6 +47,7 @@ TRAINING_STAGES = tuple(trained.stage for trained in MODELS.values())
 # What a reader calls each model of catalog.MODELS, and what it is tested on.
 TITLES = {
     "baseline": ("Baseline convnet", "MNIST test digits"),
+    "dense": ("Dense-only network", "MNIST test digits"),
     "feature_extraction": ("VGG16 feature extraction", "test photos"),
     "fine_tuning": ("VGG16 fine-tuned", "test photos"),
 }
@@ -71,6 +73,15 @@ def key_params(name: str, params: Params) -> dict[str, object]:
             "optimizer": b.optimizer,
             "lr": b.learning_rate,
             "batch": b.batch_size,
+        }
+    if name == "dense":
+        d = params.dense
+        return {
+            "units": d.units,
+            "dropout": d.dropout,
+            "optimizer": d.optimizer,
+            "lr": d.learning_rate,
+            "batch": d.batch_size,
         }
     if name == "feature_extraction":
         h = params.head
@@ -251,6 +262,23 @@ def mlflow_tables(experiment: str, run_ids: dict[str, str]) -> tuple[pd.DataFram
     return timings_table(runs, TRACKED_STAGES, run_ids), best_runs_table(runs, TRAINING_STAGES, run_ids)
 
 
+def translation_results(evaluation: dict):
+    """The translation test: its curve (translation.csv), headline and picture, or None when
+    evaluate wrote none."""
+    from pipeline.reporting.content import Translation
+
+    if "translation" not in evaluation or not EVALUATE_TRANSLATION.exists():
+        return None
+    curve = pd.read_csv(EVALUATE_TRANSLATION).to_dict("records")
+    figure = picture(
+        EVALUATE_PLOTS / "translation.png",
+        "Accuracy on test digits shifted by 0 to "
+        f"{evaluation['translation']['max_shift']} pixels, convnet and Dense-only",
+    )
+    titles = {name: TITLES[name][0] for name in MODELS if any(row["model"] == name for row in curve)}
+    return Translation(curve=curve, max_shift=evaluation["translation"]["max_shift"], titles=titles, figure=figure)
+
+
 def mlflow_run_ids(evaluation: dict) -> dict[str, str]:
     """{stage: the MLflow run whose outputs the report shows}, from the metrics files."""
     run_ids = {
@@ -291,6 +319,7 @@ def make_report(params: Params, active_run: StageRun) -> tuple[Report, dict[str,
         ReportInputs(
             models=model_results(params, evaluation, models),
             paired={key: evaluation[key] for key in PAIRS},
+            translation=translation_results(evaluation),
             figures=figures,
             provenance=provenance(params),
             timings=timings,

@@ -14,7 +14,14 @@ import numpy as np
 
 from pipeline import catalog
 from pipeline.params import Params, load_params
-from pipeline.stages.common import Distribution, Trained, distribution_scope, fit, publish_training, start_training
+from pipeline.stages.common import (
+    Distribution,
+    Trained,
+    distribution_scope,
+    publish_training,
+    start_training,
+    train_classifier,
+)
 
 if TYPE_CHECKING:
     from pipeline.tracking import StageRun
@@ -39,8 +46,7 @@ def train_baseline(
 
     p = params.baseline
     scope, replicas = distribution or distribution_scope(params.train)
-    batch_size = p.batch_size * replicas  # batch_size is per replica
-    steps = math.ceil(len(arrays["x_train"]) / batch_size) * p.epochs
+    steps = math.ceil(len(arrays["x_train"]) / (p.batch_size * replicas)) * p.epochs  # batch_size is per replica
     with scope:
         model = build_baseline(arrays["x_train"].shape[1:], arrays["y_train"].shape[1], p)
         model.compile(
@@ -48,19 +54,7 @@ def train_baseline(
             loss="categorical_crossentropy",
             metrics=["accuracy"],
         )
-    result = fit(
-        model,
-        (arrays["x_train"], arrays["y_train"]),
-        (arrays["x_validation"], arrays["y_validation"]),
-        epochs=p.epochs,
-        batch_size=batch_size,
-        early_stopping_patience=p.early_stopping_patience,
-        tf_data=params.train.tf_data,
-        shuffle_seed=params.seed,
-        run=run,
-    )
-    test_loss, test_accuracy = model.evaluate(arrays["x_test"], arrays["y_test"], batch_size=256, verbose=0)
-    return Trained(model=model, fit=result, test_loss=float(test_loss), test_accuracy=float(test_accuracy))
+    return train_classifier(model, arrays, p, params, replicas, run)
 
 
 def figures(model, digit: np.ndarray) -> dict:

@@ -70,7 +70,13 @@ def fit_and_test(
     )
     test_loss, test_accuracy = model.evaluate(*splits["test"], batch_size=test_batch_size, verbose=0)
     return Trained(
-        model=model, fit=result, test_loss=float(test_loss), test_accuracy=float(test_accuracy), saved_model=saved_model
+        model=model,
+        fit=result,
+        test_loss=float(test_loss),
+        test_accuracy=float(test_accuracy),
+        test_samples=len(splits["test"][0]),
+        validation_samples=len(splits["validation"][0]),
+        saved_model=saved_model,
     )
 
 
