@@ -1,4 +1,4 @@
-"""The `pipeline` command: one sub-command per DVC stage, plus `compare`.
+"""The `pipeline` command: one sub-command per DVC stage, plus `compare` and `study`.
 
 This module only parses and dispatches; each stage lives in pipeline/stages/. Errors a user
 can fix (bad params, a corrupt download, a missing upstream output) end in one line on
@@ -93,6 +93,27 @@ def compare_runs(
     text = compare(experiment or default_experiment(params), run_filter, metric or [], param or [],
                    sort, ascending, output_format.value)
     typer.echo(text, nl=False)
+
+
+@app.command("study")
+def study(
+    name: Annotated[str, typer.Argument(help="A study of studies.yaml, e.g. dropout or normalisation.")],
+    jobs: Annotated[int, typer.Option(
+        "--jobs", "-j", min=1, help="Experiments run at a time from the queue.")] = 1,
+    report: Annotated[bool, typer.Option(
+        "--report/--no-report", help="Redraw the report afterwards (dvc repro --single-item --force report).")] = True,
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Run a study of studies.yaml through DVC's experiment queue, then redraw the report.
+
+    Queues one experiment per value of the study's params (dvc exp run --queue -S KEY=VALUE),
+    runs the queue until it is empty, and redraws the report, which draws the study from MLflow.
+
+    Example: pipeline study dropout
+    """
+    from pipeline.studies import run_study
+
+    run_study(name, params, jobs, report)
 
 
 # fmt: on

@@ -179,7 +179,8 @@ def pooled_curve(rows: Sequence[dict]) -> list[dict]:
     interval counts every shifted copy as a sample; copies of one digit are not independent,
     so it is somewhat narrower than an interval over distinct digits would be.
     """
-    out, pooled = [], {}
+    out: list[dict] = []
+    pooled: dict[tuple, dict] = {}
     for row in rows:
         out.append(_with_interval(dict(row)))
         key = (row["model"], row["pixels"])

@@ -53,6 +53,17 @@ class Translation:
 
 
 @dataclass
+class StudyResult:
+    """One study of studies.yaml and what MLflow holds of it (no runs: not run yet)."""
+
+    name: str
+    claim: str
+    params: list[str]  # the keys it sweeps
+    runs: list[dict]  # per run: label, test_accuracy, ci95_low, ci95_high, final_gap, epochs, run_id
+    figures: list[Picture] = field(default_factory=list)
+
+
+@dataclass
 class ReportInputs:
     models: list[ModelResult]
     paired: dict[str, dict]  # evaluate.json's paired tests, e.g. {"fine_tuning_vs_feature_extraction": {...}}
@@ -63,6 +74,7 @@ class ReportInputs:
     visualize_seconds: dict[str, float]  # what the report's own pictures cost
     generated: str  # when and from which commit, one line
     translation: Translation | None = None  # the translation test, when evaluate ran it
+    studies: list[StudyResult] = field(default_factory=list)  # every study of studies.yaml
 
 
 # The level at which a paired test calls a difference measurable: that of the 95% intervals.
@@ -281,6 +293,61 @@ def translation_section(translation: Translation | None) -> Section | None:
     )
 
 
+# ---------------------------------------------------------------------------- studies
+
+
+def study_sentences(study: StudyResult) -> list[str]:
+    """What the study's runs show: each run's test accuracy with its interval and its last
+    training-validation gap; the best run, and whether its interval overlaps the others'."""
+    sentences = [
+        f"{run['label']}: test accuracy {percent(run['test_accuracy'])} (95% interval "
+        f"{percent(run['ci95_low'])} to {percent(run['ci95_high'])}), training minus validation "
+        f"accuracy {100 * run['final_gap']:+.1f} points after {run['epochs']} epoch{'s' if run['epochs'] != 1 else ''}."
+        for run in study.runs
+    ]
+    if len(study.runs) >= 2:
+        best = max(study.runs, key=lambda run: run["test_accuracy"])
+        apart = [r["label"] for r in study.runs if r is not best and r["ci95_high"] < best["ci95_low"]]
+        close = [r["label"] for r in study.runs if r is not best and r["ci95_high"] >= best["ci95_low"]]
+        verdict = f"The best test accuracy is {best['label']}'s."
+        if apart:
+            verdict += f" Its interval lies above that of {', '.join(apart)}: a measurable difference."
+        if close:
+            verdict += f" Its interval overlaps that of {', '.join(close)}: no measurable difference there."
+        smallest = min(study.runs, key=lambda run: abs(run["final_gap"]))
+        verdict += f" The smallest training-validation gap is {smallest['label']}'s."
+        sentences.append(verdict)
+    return sentences
+
+
+def studies_section(studies: Sequence[StudyResult]) -> Section | None:
+    if not studies:
+        return None
+    blocks: list[Block] = [
+        Text(
+            "Claims that need a retrained model are measured by studies (studies.yaml), run "
+            "through DVC's experiment queue with `pipeline study NAME`; each point is the newest "
+            "finished run of that value in MLflow, with the 95% Wilson interval of its test accuracy. "
+            "The curves show training (dashed) and validation (solid) accuracy per epoch and their "
+            "gap: a growing gap is a model memorising its training data."
+        )
+    ]
+    for study in studies:
+        swept = ", ".join(study.params)
+        if not study.runs:
+            blocks.append(
+                Text(f"Study {study.name} ({swept}; claim: {study.claim}): not run yet: `pipeline study {study.name}`.")
+            )
+            continue
+        blocks.append(Text(f"Study {study.name} sweeps {swept}. The claim: {study.claim}."))
+        blocks += list(study.figures)
+        blocks += [Text(sentence) for sentence in study_sentences(study)]
+        table = pd.DataFrame(study.runs).rename(columns={"final_gap": "last gap"})
+        table["run_id"] = table["run_id"].str[:8]
+        blocks.append(Table(table.round(4), name=f"study-{study.name}"))
+    return Section("Studies", blocks)
+
+
 # ---------------------------------------------------------------------------- pictures
 
 
@@ -493,6 +560,7 @@ def build_report(inputs: ReportInputs) -> Report:
         sections=[
             results_section(inputs.models, inputs.paired),
             *([translation] if (translation := translation_section(inputs.translation)) else []),
+            *([studies] if (studies := studies_section(inputs.studies)) else []),
             training_section(inputs.figures),
             evaluation_section(inputs.figures),
             filters_section(inputs.figures),

@@ -13,7 +13,7 @@ import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -279,6 +279,59 @@ def translation_results(evaluation: dict):
     return Translation(curve=curve, max_shift=evaluation["translation"]["max_shift"], titles=titles, figure=figure)
 
 
+def study_results(experiment: str) -> list:
+    """Every study of studies.yaml with its runs found in MLflow and its two pictures."""
+    from pipeline.reporting.content import StudyResult
+    from pipeline.studies import load_studies, study_runs
+    from pipeline.viz.common import figure_to_png_bytes
+    from pipeline.viz.studies import curves_figure, metric_figure
+
+    results = []
+    for study in load_studies().values():
+        runs = study_runs(study, experiment)
+        rows: list[dict[str, Any]] = []
+        for run in runs:
+            history = run.history
+            gaps = [t - v for t, v in zip(history["accuracy"], history["val_accuracy"])]
+            rows.append(
+                {
+                    "label": ", ".join(f"{key.split('.')[-1]}={value}" for key, value in run.values.items()),
+                    "test_accuracy": run.metrics.get("test_accuracy", float("nan")),
+                    "ci95_low": run.metrics.get("test_accuracy_ci95_low", float("nan")),
+                    "ci95_high": run.metrics.get("test_accuracy_ci95_high", float("nan")),
+                    "final_gap": gaps[-1] if gaps else float("nan"),
+                    "epochs": len(history["accuracy"]),
+                    "run_id": run.run_id,
+                }
+            )
+        figures = []
+        if rows:
+            labels, swept = [row["label"] for row in rows], ", ".join(study.params)
+            metric = metric_figure(
+                labels,
+                [row["test_accuracy"] for row in rows],
+                [row["ci95_low"] for row in rows],
+                [row["ci95_high"] for row in rows],
+                swept,
+                "test accuracy",
+            )
+            curves = curves_figure(labels, [run.history for run in runs], swept)
+            figures = [
+                Picture(
+                    f"study_{study.name}_metric.png",
+                    figure_to_png_bytes(metric),
+                    f"Study {study.name}: test accuracy against {swept}, 95% intervals",
+                ),
+                Picture(
+                    f"study_{study.name}_curves.png",
+                    figure_to_png_bytes(curves),
+                    f"Study {study.name}: training and validation accuracy per epoch, and their gap",
+                ),
+            ]
+        results.append(StudyResult(study.name, study.claim, list(study.params), rows, figures))
+    return results
+
+
 def mlflow_run_ids(evaluation: dict) -> dict[str, str]:
     """{stage: the MLflow run whose outputs the report shows}, from the metrics files."""
     run_ids = {
@@ -320,6 +373,7 @@ def make_report(params: Params, active_run: StageRun) -> tuple[Report, dict[str,
             models=model_results(params, evaluation, models),
             paired={key: evaluation[key] for key in PAIRS},
             translation=translation_results(evaluation),
+            studies=study_results(params.mlflow.experiment),
             figures=figures,
             provenance=provenance(params),
             timings=timings,
