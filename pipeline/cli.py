@@ -81,13 +81,21 @@ def compare_runs(
     ascending: Annotated[bool, typer.Option(
         "--ascending", help="Sort smallest first (default: largest first).")] = False,
     output_format: Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format.")] = OutputFormat.table,
+    paired: Annotated[Optional[tuple[str, str]], typer.Option(
+        "--paired", metavar="RUN_A RUN_B",
+        help="Pair two evaluate runs (ids or prefixes) that scored the same test data: per model, the "
+             "samples only one got right and the exact McNemar p-value.")] = None,
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Compare MLflow runs: one row per run, its metrics and the params that differ.
 
     Example: pipeline compare --stage train_baseline --sort test_accuracy --format markdown
     """
-    from pipeline.compare import RunFilter, compare, default_experiment, parse_tags
+    from pipeline.compare import RunFilter, compare, compare_paired, default_experiment, parse_tags
+
+    if paired:
+        typer.echo(compare_paired(experiment or default_experiment(params), *paired), nl=False)
+        return
 
     run_filter = RunFilter(stage=stage, dvc_exp=dvc_exp, tags=parse_tags(tag or []))
     text = compare(experiment or default_experiment(params), run_filter, metric or [], param or [],

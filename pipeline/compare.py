@@ -246,3 +246,100 @@ def default_experiment(params_file: Path) -> str:
     if not params_file.exists():
         raise UserError(f"{params_file}: not found; pass --experiment or run from the project root")
     return load_params(params_file).mlflow.experiment
+
+
+# ---------------------------------------------------------------------------- paired
+
+
+def resolve_run(experiment: str, run_id: str) -> pd.Series:
+    """The evaluate run of `experiment` whose id is or starts with `run_id` (as the table shows it)."""
+    runs = find_runs(experiment, RunFilter(stage="evaluate"))
+    matches = runs[runs["run_id"].str.startswith(run_id)]
+    if len(matches) != 1:
+        found = "no evaluate run" if matches.empty else f"{len(matches)} evaluate runs"
+        raise UserError(
+            f"--paired {run_id}: {found} of experiment {experiment!r} has that id; "
+            "pass an evaluate run's id (pipeline compare --stage evaluate lists them)"
+        )
+    return matches.iloc[0]
+
+
+def test_data_hashes(run: pd.Series) -> dict[str, str]:
+    """{test set: sha256} from an evaluate run's `test_data.<set>.sha256` tags."""
+    prefix, suffix = "tags.test_data.", ".sha256"
+    return {
+        column.removeprefix(prefix).removesuffix(suffix): value
+        for column, value in run.items()
+        if isinstance(column, str) and column.startswith(prefix) and column.endswith(suffix) and isinstance(value, str)
+    }
+
+
+def correct_table(run_id: str, test_set: str) -> pd.DataFrame | None:
+    """The run's plots/correct_<set>.csv: a `sample` column and a 0/1 column per model (None
+    when the run has no such artifact)."""
+    import os
+    import tempfile
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=f"plots/correct_{test_set}.csv", dst_path=scratch
+            )
+        except MlflowException:  # e.g. a run that failed before writing its plots
+            return None
+        return pd.read_csv(path)
+
+
+def paired_lines(a: pd.Series, b: pd.Series) -> list[str]:
+    """Per test set both runs scored with the same data hash, per model both scored: the
+    discordant counts and the exact McNemar p-value; a line per test set they did not share."""
+    from pipeline.evaluation import paired_test
+
+    names = {"a": str(a["run_id"])[:SHORT_ID], "b": str(b["run_id"])[:SHORT_ID]}
+    hashes_a, hashes_b = test_data_hashes(a), test_data_hashes(b)
+    for run, hashes in ((a, hashes_a), (b, hashes_b)):
+        if not hashes:
+            raise UserError(
+                f"run {str(run['run_id'])[:SHORT_ID]} logs no test-data hash (an evaluate run from before "
+                "they were logged): run evaluate again to pair it"
+            )
+    lines: list[str] = []
+    unpaired: list[str] = []
+    for test_set in sorted(hashes_a.keys() | hashes_b.keys()):
+        ha, hb = hashes_a.get(test_set, ""), hashes_b.get(test_set, "")
+        if ha != hb:
+            unpaired.append(f"{test_set}: {(ha or 'not scored')[:12]} vs {(hb or 'not scored')[:12]}")
+            continue
+        first, second = correct_table(str(a["run_id"]), test_set), correct_table(str(b["run_id"]), test_set)
+        if first is None or second is None:
+            unpaired.append(f"{test_set}: no correct_{test_set}.csv in {'both runs' if first is second else 'one run'}")
+            continue
+        if len(first) != len(second):
+            unpaired.append(f"{test_set}: {len(first)} vs {len(second)} samples")
+            continue
+        models = [column for column in first.columns if column != "sample" and column in second.columns]
+        for model in models:
+            test = paired_test("a", first[model].to_numpy(), "b", second[model].to_numpy())
+            lines.append(
+                f"{model} on the {test_set} test data (sha256 {ha[:12]}, {len(first)} samples): "
+                f"{names['a']} {int(first[model].sum())} right, {names['b']} {int(second[model].sum())} right; "
+                f"only {names['a']} right {test['only_a_right']}, only {names['b']} right {test['only_b_right']}; "
+                f"exact McNemar p = {test['p_value']:.4g}"
+            )
+    if not lines:
+        raise UserError(
+            f"runs {names['a']} and {names['b']} did not score the same test data, so no paired test: "
+            + "; ".join(unpaired)
+        )
+    lines += [f"not paired: {entry}" for entry in unpaired]
+    return lines
+
+
+def compare_paired(experiment: str, run_a: str, run_b: str) -> str:
+    """`pipeline compare --paired RUN_A RUN_B`: the paired test of two evaluate runs."""
+    a, b = resolve_run(experiment, run_a), resolve_run(experiment, run_b)
+    return "\n".join(paired_lines(a, b)) + "\n"

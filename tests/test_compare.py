@@ -185,3 +185,77 @@ def test_store_location_matches_the_stages(tmp_path, monkeypatch, inside):
     assert tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/mlflow.db")
     assert tracking_uri() == "sqlite:////elsewhere/mlflow.db"
+
+
+def log_evaluate_run(hashes: dict[str, str], correct: dict[str, list[int]], folder) -> str:
+    """An evaluate run as the stage logs it: test_data.<set>.sha256 tags, plots/correct_mnist.csv."""
+    import mlflow
+
+    tags = {f"test_data.{name}.sha256": digest for name, digest in hashes.items()}
+    path = folder / "correct_mnist.csv"
+    pd.DataFrame({"sample": range(len(correct["baseline"])), **correct}).to_csv(path, index=False)
+    with mlflow.start_run(tags={"pipeline.stage": "evaluate", **tags}) as run:
+        mlflow.log_artifact(str(path), artifact_path="plots")
+    return run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def paired_runs(tmp_path_factory):
+    """Two evaluate runs on the same digits (one of them twice as good), one on other digits."""
+    import mlflow
+
+    root = tmp_path_factory.mktemp("paired")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    same, other = {"mnist": "a" * 64, "images": "b" * 64}, {"mnist": "c" * 64, "images": "d" * 64}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(experiment_id=mlflow.create_experiment("paired", (root / "art").as_uri()))
+        # 12 digits: A right on 0-5, B right on 0-3 and 6-11 -> only A right 2, only B right 6
+        first = log_evaluate_run(same, {"baseline": [1] * 6 + [0] * 6, "dense": [1] * 12}, root)
+        second = log_evaluate_run(same, {"baseline": [1] * 4 + [0] * 2 + [1] * 6, "dense": [1] * 12}, root)
+        third = log_evaluate_run(other, {"baseline": [1] * 12, "dense": [1] * 12}, root)
+    yield uri, first, second, third
+
+
+def test_paired_runs_on_the_same_test_data_give_the_discordant_counts_and_mcnemars_p(paired_runs, monkeypatch):
+    from pipeline.compare import compare_paired
+    from pipeline.evaluation import mcnemar_exact
+
+    uri, first, second, _ = paired_runs
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    lines = compare_paired("paired", first[:8], second).splitlines()
+    a, b = first[:8], second[:8]
+    assert lines == [
+        f"baseline on the mnist test data (sha256 aaaaaaaaaaaa, 12 samples): {a} 6 right, {b} 10 right; "
+        f"only {a} right 2, only {b} right 6; exact McNemar p = {mcnemar_exact(2, 6):.4g}",
+        f"dense on the mnist test data (sha256 aaaaaaaaaaaa, 12 samples): {a} 12 right, {b} 12 right; "
+        f"only {a} right 0, only {b} right 0; exact McNemar p = 1",
+        "not paired: images: no correct_images.csv in both runs",
+    ]
+    assert mcnemar_exact(2, 6) == pytest.approx(0.2890625)
+
+
+def test_paired_runs_on_different_test_data_say_so(paired_runs, monkeypatch):
+    from pipeline.compare import compare_paired
+
+    uri, first, _, third = paired_runs
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(UserError, match=(
+            rf"^runs {first[:8]} and {third[:8]} did not score the same test data, so no paired test: "
+            r"images: bbbbbbbbbbbb vs dddddddddddd; mnist: aaaaaaaaaaaa vs cccccccccccc$")):
+        compare_paired("paired", first, third)
+    with pytest.raises(UserError, match="no evaluate run of experiment 'paired' has that id"):
+        compare_paired("paired", "ffff", third)
+
+
+def test_paired_on_the_command_line(paired_runs, tmp_path):
+    from conftest import run_command
+
+    uri, first, second, third = paired_runs
+    result = run_command(["pipeline", "compare", "-e", "paired", "--paired", first, second], cwd=tmp_path,
+                         tracking_uri=uri)
+    assert result.stdout.startswith("baseline on the mnist test data") and "exact McNemar p" in result.stdout
+    result = run_command(["pipeline", "compare", "-e", "paired", "--paired", first, third], cwd=tmp_path,
+                         tracking_uri=uri, check=False)
+    assert result.returncode == 2 and "did not score the same test data" in result.stderr

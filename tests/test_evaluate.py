@@ -303,3 +303,20 @@ def test_a_gradcam_layer_that_is_not_a_conv_layer_is_a_user_error(evaluated, mon
     with pytest.raises(UserError, match="evaluate.gradcam.layer"):
         evaluate.run(bad)
     assert (evaluated / "metrics/evaluate.json").read_text() == before  # outputs untouched
+
+
+def test_an_evaluate_run_logs_its_test_data_hash_so_compare_can_pair_it(evaluated, monkeypatch):
+    import mlflow
+
+    from pipeline.compare import compare_paired
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{evaluated / 'mlflow.db'}")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{evaluated / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny")
+    run = client.search_runs([experiment.experiment_id],
+                             "tags.`pipeline.stage` = 'evaluate' and attributes.status = 'FINISHED'")[0]
+    assert {key for key in run.data.tags if key.startswith("test_data.")} == {
+        "test_data.mnist.sha256", "test_data.images.sha256"}
+    lines = compare_paired("tiny", run.info.run_id, run.info.run_id[:8]).splitlines()
+    assert [line.split(" on the ")[0] for line in lines] == ["feature_extraction", "fine_tuning", "baseline", "dense"]
+    assert all(line.endswith("exact McNemar p = 1") for line in lines)  # a run against itself

@@ -261,6 +261,21 @@ def evaluate_models(
     return evaluated, timings
 
 
+def test_data_tags(test_sets: dict[Path, LabelledImages]) -> dict[str, str]:
+    """{"test_data.<set>.sha256": hash of its images, labels and their shapes}: two evaluate runs
+    with the same hash scored the same samples in the same order (`pipeline compare --paired`)."""
+    import hashlib
+
+    tags = {}
+    for data, test in test_sets.items():
+        digest = hashlib.sha256()
+        for array in (test.images, test.labels):
+            digest.update(f"{array.dtype}{array.shape}".encode())
+            digest.update(np.ascontiguousarray(array).tobytes())
+        tags[f"test_data.{data.stem}.sha256"] = digest.hexdigest()
+    return tags
+
+
 def translation_scores(models: dict, digits: LabelledImages, p: TranslationParams, batch_size: int) -> list[dict]:
     """The MNIST models on the first `p.samples` test digits shifted 0..`p.max_shift` pixels in
     each direction (zero fill): evaluation.pooled_curve's rows (per direction, and pooled)."""
@@ -315,6 +330,7 @@ def run(params_file: Path) -> None:
     test_sets = load_test_sets()
     check_max_shift(p.translation.max_shift, test_sets[MNIST].images.shape[1:], "evaluate.translation.max_shift")
     with tracked(STAGE, params) as run:
+        mlflow.set_tags(test_data_tags(test_sets))
         models = {name: keras.models.load_model(trained.model) for name, trained in MODELS.items()}
         evaluated, timings = evaluate_models(models, test_sets, p)
         figures = all_figures(models, evaluated, p)
