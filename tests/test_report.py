@@ -178,6 +178,8 @@ def test_report_stage_writes_markdown_html_and_figures(reported):
                     "## Comparison with earlier runs", "## Translation invariance"):
         assert heading in markdown
     assert "translation.png" in linked
+    assert "unshifted test digits" in markdown  # the translation test, stated in words
+    assert ("tolerates the shift better: it lost" in markdown) != ("the two intervals overlap" in markdown)
     assert "VGG16 fine-tuned: input 32x32x3 -> block1_conv1 32x32x4 -> block1_pool 16x16x4" in markdown
     assert not any("vgg_preprocess" in name for name in linked)  # preprocessing is not a filter
     assert "skipped cat/666.jpg: not an image" in markdown  # provenance from images_report.json

@@ -249,7 +249,8 @@ def translation_sentences(translation: Translation) -> list[str]:
         start, end = _pooled(translation, model, 0), _pooled(translation, model, top)
         drops[model] = 100 * (start["accuracy"] - end["accuracy"])
         sentences.append(
-            f"{title}: {percent(start['accuracy'])} on the unshifted digits, {percent(end['accuracy'])} "
+            f"{title}: {percent(start['accuracy'])} of the {start['samples']} unshifted test digits, "
+            f"{percent(end['accuracy'])} "
             f"(95% interval {percent(end['ci95_low'])} to {percent(end['ci95_high'])}) when they are moved "
             f"{top} pixel{'s' if top != 1 else ''}, a change of {-drops[model]:+.1f} points."
         )
