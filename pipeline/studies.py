@@ -128,11 +128,22 @@ def check_study(study: Study, params_file: Path, path: Path = STUDIES_FILE) -> N
 
 
 def queue_commands(study: Study, stamp: str | None = None) -> list[list[str]]:
-    """The `dvc exp run --queue` command of each combination, named study-NAME-<stamp>-<n>."""
+    """The `dvc exp run --queue --force` command of each combination, named study-NAME-<stamp>-<n>."""
     stamp = stamp or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     commands = []
     for index, combination in enumerate(study.combinations(), start=1):
-        command = ["dvc", "exp", "run", "--queue", *study.stages, "-n", f"study-{study.name}-{stamp}-{index}"]
+        # --force: a value equal to the workspace's would otherwise come from DVC's run-cache,
+        # with no MLflow run of this experiment for the report to find.
+        command = [
+            "dvc",
+            "exp",
+            "run",
+            "--queue",
+            "--force",
+            *study.stages,
+            "-n",
+            f"study-{study.name}-{stamp}-{index}",
+        ]
         for key, value in combination.items():
             command += ["-S", f"{key}={json.dumps(value)}"]  # JSON is YAML: DVC reads the value's type
         commands.append(command)

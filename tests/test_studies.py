@@ -29,14 +29,14 @@ def test_the_shipped_studies_are_valid_and_queue_one_experiment_per_value(projec
     dropout = studies["dropout"]
     assert dropout.stages == ["train_baseline"]
     assert queue_commands(dropout, stamp="20261202T170000") == [
-        ["dvc", "exp", "run", "--queue", "train_baseline", "-n", "study-dropout-20261202T170000-1",
+        ["dvc", "exp", "run", "--queue", "--force", "train_baseline", "-n", "study-dropout-20261202T170000-1",
          "-S", "baseline.dropout=0.0"],
-        ["dvc", "exp", "run", "--queue", "train_baseline", "-n", "study-dropout-20261202T170000-2",
+        ["dvc", "exp", "run", "--queue", "--force", "train_baseline", "-n", "study-dropout-20261202T170000-2",
          "-S", "baseline.dropout=0.5"],
     ]
     assert queue_commands(studies["normalisation"], stamp="x")[1][-1] == "baseline.input_scale=255.0"
     assert run_queue_command(2) == ["dvc", "exp", "run", "--run-all", "-j", "2"]
-    assert all(dropout.experiment_pattern().match(command[6]) for command in queue_commands(dropout))
+    assert all(dropout.experiment_pattern().match(command[7]) for command in queue_commands(dropout))
 
 
 def test_several_params_make_a_grid(project):
