@@ -100,9 +100,23 @@ class Vgg16Params(Section):
     weights_sha256: Sha256 | None
 
 
+class AugmentationParams(Section):
+    """The strength of each random change (pipeline/models/augmentation.py)."""
+
+    rotation: Annotated[float, Field(ge=0.0, le=0.5)]  # fraction of a full turn
+    zoom: Annotated[float, Field(ge=0.0, lt=1.0)]
+    shift: Annotated[float, Field(ge=0.0, lt=1.0)]
+    brightness: Annotated[float, Field(ge=0.0, le=1.0)]
+    contrast: Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
 class FeaturesParams(Section):
     batch_size: PositiveInt
     mirror_train: bool  # also cache the left-right mirror of each training photo
+    # Seeded random augmentations cached per training photo (0 = none); the free disk space
+    # is checked before extracting.
+    augment_copies: Annotated[int, Field(ge=0)]
+    augmentation: AugmentationParams
 
 
 class HeadParams(Section):
