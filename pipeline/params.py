@@ -23,6 +23,8 @@ PositiveInt = Annotated[int, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
 LearningRate = Annotated[float, Field(gt=0.0, le=1.0)]
 Optimizer = Literal["rmsprop", "adam", "sgd"]
+# The validation score that picks the epoch whose weights a training keeps (early stopping).
+KeepBy = Literal["val_loss", "val_accuracy"]
 
 
 class Section(BaseModel):
@@ -126,8 +128,9 @@ class HeadParams(Section):
     optimizer: Optimizer
     learning_rate: LearningRate
     batch_size: PositiveInt
-    epochs: PositiveInt
+    epochs: PositiveInt  # a bound: early stopping ends the training sooner
     early_stopping_patience: Annotated[int, Field(ge=0)]
+    keep_by: KeepBy
 
 
 class FinetuneParams(Section):
@@ -137,6 +140,7 @@ class FinetuneParams(Section):
     batch_size: PositiveInt
     epochs: PositiveInt
     early_stopping_patience: Annotated[int, Field(ge=0)]
+    keep_by: KeepBy
     augment: bool
 
 
