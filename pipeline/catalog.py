@@ -218,7 +218,17 @@ STAGES: dict[str, Stage] = {
             optional=(IMAGES_REPORT, WEIGHTS),  # provenance: what was skipped, the weights' sha256
             outputs=(REPORTS,),
             # shown in the report: the key params of each model and the data's provenance
-            params=("seed", "report", "baseline", "head", "finetune", "images.size", "mnist.files", "vgg16.weights"),
+            params=(
+                "seed",
+                "report",
+                "baseline",
+                "head",
+                "finetune",
+                "features.augment_copies",
+                "images.size",
+                "mnist.files",
+                "vgg16.weights",
+            ),
         ),
     )
 }
