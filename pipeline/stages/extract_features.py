@@ -3,7 +3,7 @@
 For each split writes data/features/<split>_frozen.npy (the activation at the last frozen
 layer: block4_pool for `finetune.unfreeze: 3`), <split>_pooled.npy (block5_pool, the head's
 input, computed from that cache through the block5 layers) and <split>_labels.npy, plus
-class_names.json. Batches go straight into memory-mapped files, so memory stays bounded
+class_names.json. Batches are written into the .npy files by offset, so memory stays bounded
 whatever the number of photos or of augmented copies (`features.augment_copies`).
 """
 
@@ -66,7 +66,7 @@ def extract(
     mirrored: bool = False,
     augmented: Augmented | None = None,
 ) -> None:
-    """Run `extractor` over `images` in batches, writing both outputs as .npy memory maps.
+    """Run `extractor` over `images` in batches, writing both outputs as .npy files, row by row.
 
     With `mirrored`, the left-right mirror image of every photo follows the originals (rows
     N..2N-1); with `augmented`, copy k (1..K) of every photo follows them, each batch made by
@@ -77,26 +77,47 @@ def extract(
     shapes = [tuple(t.shape[1:]) for t in extractor.outputs]
     count = len(images)
     rows = count * views_per_photo(mirrored, augmented)
-    frozen = np.lib.format.open_memmap(frozen_out, "w+", np.float32, (rows, *shapes[0]))
-    pooled = np.lib.format.open_memmap(pooled_out, "w+", np.float32, (rows, *shapes[1]))
-    views = ["original"] + (["mirror"] if mirrored else []) + (["augmented"] * (augmented.copies if augmented else 0))
-    batches = [(view, start) for view in views for start in range(0, count, batch_size)]
-    for index, (view, start) in enumerate(tqdm(batches, desc=frozen_out.stem, unit="batch")):
-        raise_if_signalled()  # a signal swallowed inside predict stops the loop here
-        batch = images[start : start + batch_size]
-        block = index // -(-count // batch_size)  # which view: rows block*N .. block*N + N-1
-        if view == "mirror":
-            batch = batch[:, :, ::-1]
-        elif view == "augmented" and augmented is not None:
-            copy = block - int(mirrored)
-            batch = augment_batch(batch, augmented.factors, augmented.seed, copy, start)
-        cached, head_input = extractor.predict_on_batch(batch)
-        row = block * count + start
-        frozen[row : row + len(batch)] = cached
-        pooled[row : row + len(batch)] = head_input
-    frozen.flush()
-    pooled.flush()
-    del frozen, pooled
+    with NpyRows(frozen_out, (rows, *shapes[0])) as frozen, NpyRows(pooled_out, (rows, *shapes[1])) as pooled:
+        views = (
+            ["original"] + (["mirror"] if mirrored else []) + (["augmented"] * (augmented.copies if augmented else 0))
+        )
+        batches = [(view, start) for view in views for start in range(0, count, batch_size)]
+        for index, (view, start) in enumerate(tqdm(batches, desc=frozen_out.stem, unit="batch")):
+            raise_if_signalled()  # a signal swallowed inside predict stops the loop here
+            batch = images[start : start + batch_size]
+            block = index // -(-count // batch_size)  # which view: rows block*N .. block*N + N-1
+            if view == "mirror":
+                batch = batch[:, :, ::-1]
+            elif view == "augmented" and augmented is not None:
+                copy = block - int(mirrored)
+                batch = augment_batch(batch, augmented.factors, augmented.seed, copy, start)
+            cached, head_input = extractor.predict_on_batch(batch)
+            row = block * count + start
+            frozen.write(row, cached)
+            pooled.write(row, head_input)
+
+
+class NpyRows:
+    """A float32 .npy file of `shape`, its header written by numpy (`open_memmap`), its rows
+    written by offset through the page cache: unlike a live memory map, whose written pages
+    count in the process' resident memory until it is closed, this keeps memory flat
+    whatever the number of rows."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...]) -> None:
+        header = np.lib.format.open_memmap(path, "w+", np.float32, shape)  # header + sparse file
+        self.offset, self.row_bytes = header.offset, 4 * int(np.prod(shape[1:]))
+        del header
+        self.handle = path.open("r+b")
+
+    def write(self, row: int, values: np.ndarray) -> None:
+        self.handle.seek(self.offset + row * self.row_bytes)
+        self.handle.write(np.ascontiguousarray(values, dtype=np.float32).tobytes())
+
+    def __enter__(self) -> NpyRows:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.close()
 
 
 def cache_bytes(extractor, rows: int) -> int:
