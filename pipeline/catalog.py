@@ -189,7 +189,7 @@ STAGES: dict[str, Stage] = {
             "Cache VGG16's frozen activations for every photo, once.",
             inputs=(IMAGES, WEIGHTS),
             outputs=(FEATURES,),
-            params=("features", "finetune.unfreeze"),
+            params=("seed", "features", "finetune.unfreeze"),  # seed: the augmented copies
         ),
         _training(
             "train_head",
@@ -233,6 +233,7 @@ STAGES: dict[str, Stage] = {
                 "dense",
                 "head",
                 "finetune",
+                "features.augment_copies",
                 "images.size",
                 "mnist.files",
                 "vgg16.weights",

@@ -23,6 +23,8 @@ PositiveInt = Annotated[int, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
 LearningRate = Annotated[float, Field(gt=0.0, le=1.0)]
 Optimizer = Literal["rmsprop", "adam", "sgd"]
+# The validation score that picks the epoch whose weights a training keeps (early stopping).
+KeepBy = Literal["val_loss", "val_accuracy"]
 
 
 class Section(BaseModel):
@@ -116,9 +118,23 @@ class Vgg16Params(Section):
     weights_sha256: Sha256 | None
 
 
+class AugmentationParams(Section):
+    """The strength of each random change (pipeline/models/augmentation.py)."""
+
+    rotation: Annotated[float, Field(ge=0.0, le=0.5)]  # fraction of a full turn
+    zoom: Annotated[float, Field(ge=0.0, lt=1.0)]
+    shift: Annotated[float, Field(ge=0.0, lt=1.0)]
+    brightness: Annotated[float, Field(ge=0.0, le=1.0)]
+    contrast: Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
 class FeaturesParams(Section):
     batch_size: PositiveInt
     mirror_train: bool  # also cache the left-right mirror of each training photo
+    # Seeded random augmentations cached per training photo (0 = none); the free disk space
+    # is checked before extracting.
+    augment_copies: Annotated[int, Field(ge=0)]
+    augmentation: AugmentationParams
 
 
 class HeadParams(Section):
@@ -128,8 +144,9 @@ class HeadParams(Section):
     optimizer: Optimizer
     learning_rate: LearningRate
     batch_size: PositiveInt
-    epochs: PositiveInt
+    epochs: PositiveInt  # a bound: early stopping ends the training sooner
     early_stopping_patience: Annotated[int, Field(ge=0)]
+    keep_by: KeepBy
 
 
 class FinetuneParams(Section):
@@ -139,6 +156,7 @@ class FinetuneParams(Section):
     batch_size: PositiveInt
     epochs: PositiveInt
     early_stopping_patience: Annotated[int, Field(ge=0)]
+    keep_by: KeepBy
     augment: bool
 
 

@@ -259,3 +259,22 @@ def test_every_stage_run_records_its_process_time(reported):
     for run in runs:
         wall = (run.info.end_time - run.info.start_time) / 1000
         assert run.data.metrics["process_seconds"] >= wall > 0
+
+
+@pytest.mark.parametrize("kept, keep_by, says", [
+    (0, "val_loss", "Fine-tuning changed nothing: no epoch beat the trained head on validation loss"),
+    (0, "val_accuracy", "no epoch beat the trained head on validation accuracy, so it kept the head's weights"),
+    (3, "val_accuracy", "Fine-tuning trained the top 2 conv layers with the head and kept epoch 3 (the best validation accuracy)"),
+])
+def test_transfer_sentence_says_what_fine_tuning_did(kept, keep_by, says):
+    from dataclasses import replace
+
+    from pipeline.reporting.content import transfer_sentence
+
+    features = model_result("feature_extraction", 88, 100)
+    fine = replace(model_result("fine_tuning", 88, 100), training={"epochs": 4, "kept_epoch": kept},
+                   key_params={"unfreeze": 2, "kept by": keep_by})
+    paired = {"fine_tuning_vs_feature_extraction": {"p_value": 1.0, "only_fine_tuning_right": 0,
+                                                   "only_feature_extraction_right": 0}}
+    sentence = transfer_sentence([features, fine], paired)
+    assert sentence is not None and says in sentence

@@ -42,3 +42,30 @@ def test_early_stopping_keeps_the_starting_weights_unless_an_epoch_beats_them(tr
     assert end_loss <= start_loss + 1e-7
     # evaluated in batches of 16 there, of 32 here: other kernels, same number to float32 (conftest)
     assert result.start_validation["loss"] == pytest.approx(start_loss, rel=FLOAT32_RTOL), "drawn as epoch 0"
+
+
+def test_keep_by_val_accuracy_keeps_the_most_accurate_epoch_the_start_included():
+    import keras
+
+    from pipeline.stages.common import fit
+
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="binary_crossentropy", metrics=["accuracy"])
+    validation = _data(flip=False)
+    result = fit(model, _data(flip=False), validation, epochs=6, batch_size=16, early_stopping_patience=6,
+                 keep_by="val_accuracy")
+    scores = [result.start_validation["accuracy"], *result.history["val_accuracy"]]
+    assert result.kept_epoch == int(np.argmax(scores)), "the first epoch with the best accuracy (0: the start)"
+    assert model.evaluate(*validation, verbose=0, return_dict=True)["accuracy"] == pytest.approx(max(scores))
+
+
+def test_an_unknown_keep_by_is_named_in_one_line():
+    from conftest import shipped_params
+    from pipeline.errors import UserError
+    from pipeline.params import parse_params
+
+    raw = shipped_params()
+    raw["finetune"]["keep_by"] = "val_auc"
+    with pytest.raises(UserError, match=r"finetune\.keep_by: input should be 'val_loss' or 'val_accuracy'"):
+        parse_params(raw)

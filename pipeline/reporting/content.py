@@ -156,11 +156,11 @@ def model_sentence(model: ModelResult) -> str:
             f" after {epochs} epoch{'s' if epochs != 1 else ''} of about "
             f"{model.training.get('seconds_per_epoch', 0):.1f} s"
         )
-        kept = model.training.get("kept_epoch")
+        kept, score = model.training.get("kept_epoch"), criterion(model)
         if kept == 0:
-            training += ", none of which beat its starting weights on validation loss, so it kept those"
+            training += f", none of which beat its starting weights on {score}, so it kept those"
         elif kept is not None and kept != epochs:
-            training += f", keeping epoch {kept}'s weights (the best validation loss)"
+            training += f", keeping epoch {kept}'s weights (the best {score})"
     return (
         f"{model.title} got {right} of {scores['test_samples']} {model.data} right "
         f"({percent(scores['test_accuracy'])}, 95% interval {percent(low)} to {percent(high)}; "
@@ -170,6 +170,11 @@ def model_sentence(model: ModelResult) -> str:
         f"{percent(per_class[worst]['precision'])} of the times it said {worst}); "
         f"its strongest is {best} (F1 {per_class[best]['f1']:.3f})."
     )
+
+
+def criterion(model: ModelResult) -> str:
+    """The validation score that picked the epoch `model` kept, in words."""
+    return {"val_accuracy": "validation accuracy"}.get(str(model.key_params.get("kept by")), "validation loss")
 
 
 def errors(model: ModelResult) -> int:
@@ -195,7 +200,18 @@ def transfer_sentence(models: Sequence[ModelResult], paired: dict[str, dict]) ->
     only_after, only_before = test["only_fine_tuning_right"], test["only_feature_extraction_right"]
     change = 100 * (after.evaluation["test_accuracy"] - before.evaluation["test_accuracy"])
     verdict = paired_verdict(test["p_value"], only_after > only_before, "fine-tuning")
-    return (
+    did = ""
+    if after.training.get("kept_epoch") == 0:
+        did = (
+            f"Fine-tuning changed nothing: no epoch beat the trained head on {criterion(after)}, so it "
+            "kept the head's weights and the two models are the same network. "
+        )
+    elif after.training.get("kept_epoch"):
+        did = (
+            f"Fine-tuning trained the top {after.key_params.get('unfreeze', '?')} conv layers with the head "
+            f"and kept epoch {after.training['kept_epoch']} (the best {criterion(after)}). "
+        )
+    return did + (
         f"Fine-tuning against feature extraction, on the same test photos: {verdict} "
         f"(p = {format_p(test['p_value'])}, {errors(after)} vs {errors(before)} errors, "
         f"{only_after + only_before} discordant); test accuracy {percent(before.evaluation['test_accuracy'])} "

@@ -124,8 +124,10 @@ def fit(
     tf_data: bool = False,
     shuffle_seed: int = 0,
     run: StageRun | None = None,
+    keep_by: str = "val_loss",
 ) -> FitResult:
-    """model.fit with per-epoch MLflow logging and timing (and optional early stopping).
+    """model.fit with per-epoch MLflow logging and timing (and optional early stopping, which
+    keeps the epoch with the best `keep_by`: "val_loss" or "val_accuracy").
 
     Given the stage's `run`, the training is resumable (pipeline/resume.py): each epoch's
     state is backed up under .resume/<stage>/, and a backup left by a killed run with the
@@ -142,7 +144,7 @@ def fit(
     callbacks: list[keras.callbacks.Callback] = [StopOnSignal(), logger]
     early_stopping = None
     if early_stopping_patience and validation is not None:
-        early_stopping = early_stopping_from_start(validation, batch_size, early_stopping_patience)
+        early_stopping = early_stopping_from_start(validation, batch_size, early_stopping_patience, keep_by)
         callbacks.append(early_stopping)
     backup = _epoch_backup(run, model, logger.rows, early_stopping)
     initial_epoch, restored_rows, resumed_after = 0, [], 0
@@ -177,22 +179,30 @@ def fit(
     return FitResult(frame, fit_seconds, resumed_after, kept_epoch=kept, start_validation=start)
 
 
-def early_stopping_from_start(validation: tuple[np.ndarray, np.ndarray], batch_size: int, patience: int):
-    """Keras' EarlyStopping on val_loss, restoring the best weights, whose candidates include
+def early_stopping_from_start(
+    validation: tuple[np.ndarray, np.ndarray], batch_size: int, patience: int, monitor: str = "val_loss"
+):
+    """Keras' EarlyStopping on `monitor` ("val_loss": lowest wins; "val_accuracy": highest
+    wins, ties go to the earlier epoch), restoring the best weights, whose candidates include
     the weights that fit starts from (best_epoch -1): a training that never beats its
     starting point on validation (fine-tuning an already trained head, say) ends where it
     started instead of worse. Costs one evaluation of the validation set."""
     import keras
 
+    if monitor not in ("val_loss", "val_accuracy"):
+        raise ValueError(f"monitor must be val_loss or val_accuracy, got {monitor!r}")
+    score = monitor.removeprefix("val_")
+
     class EarlyStoppingFromStart(keras.callbacks.EarlyStopping):
         def on_train_begin(self, logs=None):
             super().on_train_begin(logs)
             self.start = self.model.evaluate(*validation, batch_size=batch_size, verbose=0, return_dict=True)
-            self.best = self.start["loss"]
+            self.best = self.start[score]
             self.best_weights = self.model.get_weights()
             self.best_epoch = -1
 
-    return EarlyStoppingFromStart(monitor="val_loss", patience=patience, restore_best_weights=True)
+    mode = "min" if score == "loss" else "max"
+    return EarlyStoppingFromStart(monitor=monitor, mode=mode, patience=patience, restore_best_weights=True)
 
 
 def fit_inputs(

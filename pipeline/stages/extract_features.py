@@ -3,23 +3,26 @@
 For each split writes data/features/<split>_frozen.npy (the activation at the last frozen
 layer: block4_pool for `finetune.unfreeze: 3`), <split>_pooled.npy (block5_pool, the head's
 input, computed from that cache through the block5 layers) and <split>_labels.npy, plus
-class_names.json. Batches go straight into memory-mapped files, so memory stays bounded
-whatever the number of photos.
+class_names.json. Batches are written into the .npy files by offset, so memory stays bounded
+whatever the number of photos or of augmented copies (`features.augment_copies`).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
 
 from pipeline import catalog
-from pipeline.errors import raise_if_signalled
+from pipeline.errors import UserError, raise_if_signalled
 from pipeline.files import atomic_path
-from pipeline.params import load_params
+from pipeline.models.augmentation import AugmentationFactors, augment_batch
+from pipeline.params import FeaturesParams, load_params
 
 STAGE = catalog.STAGES["extract_features"]
 IMAGES = catalog.IMAGES
@@ -41,6 +44,19 @@ def feature_extractor(weights: str | None, image_shape: tuple[int, int, int], un
     return keras.Model(image, [cached, top(cached)], name="feature_extractor")
 
 
+class Augmented(NamedTuple):
+    """`copies` seeded random augmentations of every photo, cached after the originals."""
+
+    copies: int
+    factors: AugmentationFactors
+    seed: int
+
+
+def views_per_photo(mirrored: bool, augmented: Augmented | None) -> int:
+    """Cached rows per photo: the original, its mirror, its augmented copies."""
+    return 1 + int(mirrored) + (augmented.copies if augmented else 0)
+
+
 def extract(
     extractor,
     images: np.ndarray,
@@ -48,30 +64,82 @@ def extract(
     frozen_out: Path,
     pooled_out: Path,
     mirrored: bool = False,
+    augmented: Augmented | None = None,
 ) -> None:
-    """Run `extractor` over `images` in batches, writing both outputs as .npy memory maps.
+    """Run `extractor` over `images` in batches, writing both outputs as .npy files, row by row.
 
     With `mirrored`, the left-right mirror image of every photo follows the originals (rows
-    N..2N-1): each cached row is still the exact activation of a real photo, so training on
-    the cache stays exactly the full network's training, on twice the photos.
+    N..2N-1); with `augmented`, copy k (1..K) of every photo follows them, each batch made by
+    `augment_batch(batch, factors, seed, k, first row of the batch)`. Each cached row is
+    the exact activation of a photo, so training on the cache stays exactly the full
+    network's training, on every one of those photos.
     """
     shapes = [tuple(t.shape[1:]) for t in extractor.outputs]
-    rows = len(images) * (2 if mirrored else 1)
-    frozen = np.lib.format.open_memmap(frozen_out, "w+", np.float32, (rows, *shapes[0]))
-    pooled = np.lib.format.open_memmap(pooled_out, "w+", np.float32, (rows, *shapes[1]))
-    starts = [(start, False) for start in range(0, len(images), batch_size)]
-    if mirrored:
-        starts += [(start, True) for start, _ in starts]
-    for start, flip in tqdm(starts, desc=frozen_out.stem, unit="batch"):
-        raise_if_signalled()  # a signal swallowed inside predict stops the loop here
-        batch = images[start : start + batch_size]
-        cached, head_input = extractor.predict_on_batch(batch[:, :, ::-1] if flip else batch)
-        row = start + (len(images) if flip else 0)
-        frozen[row : row + len(batch)] = cached
-        pooled[row : row + len(batch)] = head_input
-    frozen.flush()
-    pooled.flush()
-    del frozen, pooled
+    count = len(images)
+    rows = count * views_per_photo(mirrored, augmented)
+    with NpyRows(frozen_out, (rows, *shapes[0])) as frozen, NpyRows(pooled_out, (rows, *shapes[1])) as pooled:
+        views = (
+            ["original"] + (["mirror"] if mirrored else []) + (["augmented"] * (augmented.copies if augmented else 0))
+        )
+        batches = [(view, start) for view in views for start in range(0, count, batch_size)]
+        for index, (view, start) in enumerate(tqdm(batches, desc=frozen_out.stem, unit="batch")):
+            raise_if_signalled()  # a signal swallowed inside predict stops the loop here
+            batch = images[start : start + batch_size]
+            block = index // -(-count // batch_size)  # which view: rows block*N .. block*N + N-1
+            if view == "mirror":
+                batch = batch[:, :, ::-1]
+            elif view == "augmented" and augmented is not None:
+                copy = block - int(mirrored)
+                batch = augment_batch(batch, augmented.factors, augmented.seed, copy, start)
+            cached, head_input = extractor.predict_on_batch(batch)
+            row = block * count + start
+            frozen.write(row, cached)
+            pooled.write(row, head_input)
+
+
+class NpyRows:
+    """A float32 .npy file of `shape`, its header written by numpy (`open_memmap`), its rows
+    written by offset through the page cache: unlike a live memory map, whose written pages
+    count in the process' resident memory until it is closed, this keeps memory flat
+    whatever the number of rows."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...]) -> None:
+        header = np.lib.format.open_memmap(path, "w+", np.float32, shape)  # header + sparse file
+        self.offset, self.row_bytes = header.offset, 4 * int(np.prod(shape[1:]))
+        del header
+        self.handle = path.open("r+b")
+
+    def write(self, row: int, values: np.ndarray) -> None:
+        self.handle.seek(self.offset + row * self.row_bytes)
+        self.handle.write(np.ascontiguousarray(values, dtype=np.float32).tobytes())
+
+    def __enter__(self) -> NpyRows:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.close()
+
+
+def cache_bytes(extractor, rows: int) -> int:
+    """Bytes that `rows` cached rows of both outputs take (float32)."""
+    return rows * sum(4 * int(np.prod(t.shape[1:])) for t in extractor.outputs)
+
+
+def check_free_space(needed: int, folder: Path) -> None:
+    """Stop with one line, before writing, when `folder`'s disk has less than `needed` bytes free."""
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise UserError(
+            f"{folder}: the feature cache needs {needed / 2**30:.1f} GiB but the disk has "
+            f"{free / 2**30:.1f} GiB free: lower features.augment_copies (or free some space)"
+        )
+
+
+def augmented_of(features: FeaturesParams, seed: int) -> Augmented | None:
+    if not features.augment_copies:
+        return None
+    return Augmented(features.augment_copies, AugmentationFactors(**features.augmentation.model_dump()), seed)
 
 
 def run(params_file: Path) -> None:
@@ -84,21 +152,27 @@ def run(params_file: Path) -> None:
     with np.load(IMAGES) as data:
         class_names = [str(name) for name in data["class_names"]]
         splits = {split: (data[f"x_{split}"], data[f"y_{split}"]) for split in SPLITS}
+    augmented = augmented_of(params.features, params.seed)
+    extractor = feature_extractor(str(WEIGHTS), splits["train"][0].shape[1:], params.finetune.unfreeze)
+    train_views = views_per_photo(params.features.mirror_train, augmented)
+    views = {split: train_views if split == "train" else 1 for split in SPLITS}
+    rows = sum(len(images) * views[split] for split, (images, _) in splits.items())
+    check_free_space(cache_bytes(extractor, rows), OUT.parent)  # before anything is written
     with tracked(STAGE, params):
-        extractor = feature_extractor(str(WEIGHTS), splits["train"][0].shape[1:], params.finetune.unfreeze)
         photos, started = 0, time.perf_counter()
         with atomic_path(OUT, directory=True) as staging:
             for split, (images, labels) in splits.items():
-                mirrored = split == "train" and params.features.mirror_train
+                train = split == "train"
                 extract(
                     extractor,
                     images,
                     params.features.batch_size,
                     staging / f"{split}_frozen.npy",
                     staging / f"{split}_pooled.npy",
-                    mirrored,
+                    train and params.features.mirror_train,
+                    augmented if train else None,
                 )
-                np.save(staging / f"{split}_labels.npy", np.concatenate([labels, labels]) if mirrored else labels)
-                photos += len(images) * (2 if mirrored else 1)
+                np.save(staging / f"{split}_labels.npy", np.concatenate([labels] * views[split]))
+                photos += len(images) * views[split]
             (staging / "class_names.json").write_text(json.dumps(class_names) + "\n")
         mlflow.log_metrics({"photos": photos, "photos_per_second": photos / (time.perf_counter() - started)})

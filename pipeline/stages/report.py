@@ -92,6 +92,7 @@ def key_params(name: str, params: Params) -> dict[str, object]:
             "optimizer": h.optimizer,
             "lr": h.learning_rate,
             "batch": h.batch_size,
+            "kept by": h.keep_by,
             "image size": params.images.size,
         }
     f = params.finetune
@@ -100,6 +101,8 @@ def key_params(name: str, params: Params) -> dict[str, object]:
         "optimizer": f.optimizer,
         "lr": f.learning_rate,
         "batch": f.batch_size,
+        "kept by": f.keep_by,
+        "augmented copies": params.features.augment_copies,
         "augment": f.augment,
     }
 

@@ -23,6 +23,25 @@ if TYPE_CHECKING:
 STAGE = catalog.STAGES["train_head"]
 
 
+def fit_head(
+    splits: Splits,
+    num_classes: int,
+    params: Params,
+    distribution: Distribution | None = None,
+    run: StageRun | None = None,
+) -> Trained:
+    """Build, fit and test the head alone on cached block5_pool features ({split: (features,
+    labels)}), with the `head` params (benchmarks/bench_head.py calls this too)."""
+    from pipeline.models.vgg import build_head
+
+    p = params.head
+    scope, replicas = distribution or distribution_scope(params.train)
+    with scope:
+        head = build_head(splits["train"][0].shape[1:], num_classes, p.pooling, p.units, p.dropout)
+        compile_classifier(head, num_classes, p)
+    return fit_and_test(head, splits, p, params, replicas, run, test_batch_size=256)
+
+
 def train_head(
     splits: Splits,
     num_classes: int,
@@ -31,20 +50,15 @@ def train_head(
     distribution: Distribution | None = None,
     run: StageRun | None = None,
 ) -> Trained:
-    """Build, fit and test the head on cached block5_pool features ({split: (features, labels)}),
-    then assemble the complete classifier for `image_shape` photos (VGG16 with the weights
-    of catalog.WEIGHTS below the head). `distribution` and `run` as for `train_baseline`."""
-    from pipeline.models.vgg import assemble_classifier, build_conv_base, build_head
+    """`fit_head`, then assemble the complete classifier for `image_shape` photos (VGG16 with
+    the weights of catalog.WEIGHTS below the head). `distribution` and `run` as for
+    `train_baseline`."""
+    from pipeline.models.vgg import assemble_classifier, build_conv_base
 
-    p = params.head
-    scope, replicas = distribution or distribution_scope(params.train)
-    with scope:
-        head = build_head(splits["train"][0].shape[1:], num_classes, p.pooling, p.units, p.dropout)
-        compile_classifier(head, num_classes, p)
-    trained = fit_and_test(head, splits, p, params, replicas, run, test_batch_size=256)
+    trained = fit_head(splits, num_classes, params, distribution, run)
     # After the training, as before: building VGG16 draws its initial weights from the seeded random state.
     conv_base = build_conv_base(str(catalog.WEIGHTS), image_shape)
-    return replace(trained, saved_model=assemble_classifier(conv_base, head, unfreeze=0))
+    return replace(trained, saved_model=assemble_classifier(conv_base, trained.model, unfreeze=0))
 
 
 def run(params_file: Path) -> None:

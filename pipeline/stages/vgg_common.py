@@ -67,6 +67,7 @@ def fit_and_test(
         params.train.tf_data,
         params.seed,
         run=run,
+        keep_by=p.keep_by,
     )
     test_loss, test_accuracy = model.evaluate(*splits["test"], batch_size=test_batch_size, verbose=0)
     return Trained(
