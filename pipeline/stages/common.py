@@ -124,8 +124,12 @@ def fit(
     tf_data: bool = False,
     shuffle_seed: int = 0,
     run: StageRun | None = None,
+    metric_prefix: str = "",
 ) -> FitResult:
     """model.fit with per-epoch MLflow logging and timing (and optional early stopping).
+
+    `metric_prefix` goes before each per-epoch MLflow metric ("block3." -> block3.val_loss),
+    for a stage that trains several models in its run.
 
     Given the stage's `run`, the training is resumable (pipeline/resume.py): each epoch's
     state is backed up under .resume/<stage>/, and a backup left by a killed run with the
@@ -138,7 +142,7 @@ def fit(
 
     from pipeline.epoch_logger import EpochLogger, StopOnSignal
 
-    logger = EpochLogger()
+    logger = EpochLogger(metric_prefix)
     callbacks: list[keras.callbacks.Callback] = [StopOnSignal(), logger]
     early_stopping = None
     if early_stopping_patience and validation is not None:
