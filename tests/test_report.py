@@ -190,16 +190,41 @@ def test_report_results_table_matches_evaluate(reported):
     headers = [cell.text for cell in table.iter("th")]
     rows = [[cell.text for cell in row.iter("td")] for row in table.find("tbody")]
     column = headers.index("test accuracy")
-    assert [row[0] for row in rows] == ["Baseline convnet", "VGG16 feature extraction", "VGG16 fine-tuned"]
-    expected = [round(metrics[name]["test_accuracy"], 4) for name in ("baseline", "feature_extraction", "fine_tuning")]
+    models = ("baseline", "feature_extraction", "fine_tuning", "scratch")
+    assert [row[0] for row in rows] == ["Baseline convnet", "VGG16 feature extraction", "VGG16 fine-tuned",
+                                        "Convnet from scratch"]
+    expected = [round(metrics[name]["test_accuracy"], 4) for name in models]
     assert [float(row[column]) for row in rows] == pytest.approx(expected)
     shown = [float(end) for row in rows for end in row[headers.index("95% interval")].split(" - ")]
-    expected = [end for name in ("baseline", "feature_extraction", "fine_tuning")
-                for end in metrics[name]["test_accuracy_ci95"]]
+    expected = [end for name in models for end in metrics[name]["test_accuracy_ci95"]]
     assert shown == pytest.approx(expected, abs=5e-5)
     markdown = (reported / "reports/report.md").read_text()
     paired = metrics["fine_tuning_vs_feature_extraction"]
     assert f"{paired['only_fine_tuning_right'] + paired['only_feature_extraction_right']} discordant" in markdown
+
+
+def test_report_draws_accuracy_by_block_and_pretraining_and_says_what_they_show(reported):
+    from pipeline.reporting.content import format_p
+
+    markdown = (reported / "reports/report.md").read_text()
+    blocks = json.loads((reported / "metrics/block_heads.json").read_text())
+    section = markdown.split("## What each VGG16 block knows", 1)[1].split("\n## ", 1)[0]
+    linked = re.findall(r"\]\(figures/([^)]+)\)", section)
+    # accuracy against depth, beside the activation maps of the same blocks' outputs
+    assert linked == ["accuracy_by_block.png", "blocks_block1_pool.png", "blocks_block2_pool.png"]
+    pair = blocks["block2_vs_block1"]
+    assert f"block2 against block1: {'block2 is better' if pair['p_value'] < 0.05 else 'no measurable difference'}" \
+        f" (p = {format_p(pair['p_value'])}; {pair['only_block2_right']} test photos" in section
+    assert "block1 58.3%" in section and "block2 83.3%" in section  # the tiny heads: 7 and 10 of 12 right
+    assert "Here " in section  # the verdict on depth, in words
+
+    metrics = json.loads((reported / "metrics/evaluate.json").read_text())
+    section = markdown.split("## What pretraining buys", 1)[1].split("\n## ", 1)[0]
+    paired = metrics["scratch_vs_feature_extraction"]
+    discordant = paired["only_scratch_right"] + paired["only_feature_extraction_right"]
+    assert f"p = {format_p(paired['p_value'])}" in section and f"{discordant} discordant" in section
+    assert re.findall(r"\]\(figures/([^)]+)\)", section) == ["pretraining.png"]
+    assert "on its training photos" in section and "Here " in section
 
 
 def test_report_per_class_table_is_read_from_per_class_csv(reported):
@@ -240,7 +265,7 @@ def test_report_html_renders_in_headless_chromium(reported):
     seen = json.loads(html.unescape(found.group(1)))
     assert seen["images"] == page.count("<img ") > 10
     assert all(width > 0 for width in seen["widths"]), f"pictures that did not decode: {seen['widths']}"
-    assert seen["results_rows"] == 3
+    assert seen["results_rows"] == 4
     assert "test accuracy" in seen["results_headers"]
 
 
