@@ -280,3 +280,32 @@ def test_every_stage_run_records_its_process_time(reported):
     for run in runs:
         wall = (run.info.end_time - run.info.start_time) / 1000
         assert run.data.metrics["process_seconds"] >= wall > 0
+
+
+def blocks_metrics(rights: dict[int, int], pairs: dict[str, tuple[int, int, float]], total: int = 100) -> dict:
+    from pipeline.evaluation import wilson_interval
+
+    metrics = {f"block{block}": {"test_accuracy": right / total, "test_accuracy_ci95": list(wilson_interval(right, total)),
+                                 "test_samples": total} for block, right in rights.items()}
+    for key, (only_deeper, only_shallower, p_value) in pairs.items():
+        deeper, shallower = key.split("_vs_")
+        metrics[key] = {"p_value": p_value, f"only_{deeper}_right": only_deeper,
+                        f"only_{shallower}_right": only_shallower}
+    return metrics
+
+
+@pytest.mark.parametrize("rights, pairs, verdict", [
+    ({3: 70, 4: 85, 5: 95}, {"block4_vs_block3": (20, 5, 0.004), "block5_vs_block4": (12, 2, 0.013)},
+     "each block holds measurably more"),
+    ({3: 70, 4: 90, 5: 80}, {"block4_vs_block3": (25, 5, 0.0003), "block5_vs_block4": (2, 12, 0.013)},
+     "the deepest block is not the best: block4 is"),
+    ({3: 70, 4: 90, 5: 91}, {"block4_vs_block3": (25, 5, 0.0003), "block5_vs_block4": (3, 2, 1.0)},
+     "block5 and block4 are not measurably different"),
+])
+def test_depth_sentences_state_what_the_curve_shows(rights, pairs, verdict):
+    from pipeline.reporting.content import depth_sentences
+
+    text = " ".join(depth_sentences(blocks_metrics(rights, pairs)))
+    assert verdict in text
+    assert "block3 70.0% (" in text and "block4 against block3: block4 is better (p = 0.004" in text \
+        or "block4 against block3: block4 is better (p = 0.0003" in text
