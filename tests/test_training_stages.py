@@ -82,7 +82,10 @@ def test_block_heads_train_on_each_pooled_block_and_are_paired(tmp_path, monkeyp
             features[block][split] = (values, labels)
     assert features[3]["train"][0].shape == (6, 256) and features[5]["train"][0].shape == (6, 512)
 
-    heads = train_block_heads(features, ["cat", "dog"], params)
+    from pipeline.stages.common import distribution_scope
+
+    # one strategy scope for the whole stage, as its run() hands it in (a scope enters once)
+    heads = train_block_heads(features, ["cat", "dog"], params, distribution_scope(params.train))
     assert [head.key for head in heads] == ["block3", "block4", "block5"]
     metrics = block_metrics(heads)
     assert set(metrics) == {"block3", "block4", "block5", "block4_vs_block3", "block5_vs_block4"}

@@ -254,8 +254,10 @@ def fit_gaps() -> dict[str, tuple[float, float]]:
         history = pd.read_csv(trained.history)
         if not {"accuracy", "val_accuracy"} <= set(history.columns) or history.empty:
             continue
-        kept = json.loads(trained.metrics.read_text()).get("kept_epoch") or len(history)
-        row = history.iloc[min(kept, len(history)) - 1]
+        kept = json.loads(trained.metrics.read_text()).get("kept_epoch")
+        if kept == 0:  # it kept its starting weights: no epoch to read
+            continue
+        row = history.iloc[min(kept or len(history), len(history)) - 1]
         gaps[name] = (float(row["accuracy"]), float(row["val_accuracy"]))
     return gaps
 

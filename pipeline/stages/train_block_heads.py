@@ -66,22 +66,27 @@ def load_block_features(block: int, folder: Path = FEATURES) -> Splits:
     }
 
 
-def train_block_head(
-    block: int, splits: Splits, class_names: list[str], params: Params, distribution: Distribution | None = None
-) -> BlockHead:
-    """Build, fit and test the head of one block (its per-epoch metrics logged as block<N>.*)."""
-    from pipeline.evaluation import class_probabilities, score
+def build_block_head_model(block: int, train_features: np.ndarray, num_classes: int, params: Params):
+    """One block's head, compiled (call it inside the strategy's scope)."""
     from pipeline.models.optimizer import make_optimizer
     from pipeline.models.vgg import build_block_head
     from pipeline.stages.vgg_common import loss_for
 
-    p, num_classes = params.block_heads, len(class_names)
-    scope, replicas = distribution or distribution_scope(params.train)
-    with scope:
-        model = build_block_head(splits["train"][0], num_classes, p.units, p.dropout, name=f"block{block}_head")
-        model.compile(
-            optimizer=make_optimizer(p.optimizer, p.learning_rate), loss=loss_for(num_classes), metrics=["accuracy"]
-        )
+    p = params.block_heads
+    model = build_block_head(train_features, num_classes, p.units, p.dropout, name=f"block{block}_head")
+    model.compile(
+        optimizer=make_optimizer(p.optimizer, p.learning_rate), loss=loss_for(num_classes), metrics=["accuracy"]
+    )
+    return model
+
+
+def fit_block_head(
+    block: int, model, splits: Splits, class_names: list[str], params: Params, replicas: int
+) -> BlockHead:
+    """Fit and test one block's head (its per-epoch metrics logged as block<N>.*)."""
+    from pipeline.evaluation import class_probabilities, score
+
+    p = params.block_heads
     result = fit(
         model,
         splits["train"],
@@ -102,8 +107,16 @@ def train_block_head(
 def train_block_heads(
     features: dict[int, Splits], class_names: list[str], params: Params, distribution: Distribution | None = None
 ) -> list[BlockHead]:
-    """A head per block of `features` ({block: splits}), shallow to deep."""
-    return [train_block_head(block, features[block], class_names, params, distribution) for block in sorted(features)]
+    """A head per block of `features` ({block: splits}), shallow to deep: all built in the
+    strategy's scope (entered once: it is a one-use context manager), then each fitted."""
+    scope, replicas = distribution or distribution_scope(params.train)
+    blocks = sorted(features)
+    with scope:
+        models = {
+            block: build_block_head_model(block, features[block]["train"][0], len(class_names), params)
+            for block in blocks
+        }
+    return [fit_block_head(block, models[block], features[block], class_names, params, replicas) for block in blocks]
 
 
 def block_metrics(heads: list[BlockHead]) -> dict[str, dict]:
