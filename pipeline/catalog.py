@@ -34,6 +34,10 @@ EVALUATE_PER_CLASS = EVALUATE_PLOTS / "per_class.csv"  # model, class, precision
 # model, direction, pixels, correct, samples, accuracy, ci95_low, ci95_high: the MNIST models on shifted digits
 EVALUATE_TRANSLATION = EVALUATE_PLOTS / "translation.csv"
 REPORTS = Path("reports")
+# train_block_heads: a small head on each VGG16 block's pooled output (features.pooled_blocks)
+BLOCK_HEADS_METRICS = Path("metrics/block_heads.json")
+BLOCK_HEADS_PLOTS = Path("plots/block_heads")
+BLOCK_HEADS_ACCURACY = BLOCK_HEADS_PLOTS / "accuracy_by_block.csv"  # block, test accuracy, interval
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,10 @@ MODELS: dict[str, TrainedModel] = {
     ),
     "fine_tuning": TrainedModel(
         "finetune", Path("models/finetuned.keras"), Path("metrics/finetune.json"), Path("plots/finetune"), IMAGES
+    ),
+    # What pretraining buys: the same photos, no ImageNet (paired with the two above by evaluate)
+    "scratch": TrainedModel(
+        "train_scratch", Path("models/scratch.keras"), Path("metrics/scratch.json"), Path("plots/scratch"), IMAGES
     ),
 }
 
@@ -204,6 +212,21 @@ STAGES: dict[str, Stage] = {
             (FEATURES, IMAGES, WEIGHTS, MODELS["feature_extraction"].model),
         ),
         Stage(
+            "train_block_heads",
+            "Train a small head on each VGG16 block's pooled features: accuracy by depth.",
+            inputs=(FEATURES,),
+            outputs=(BLOCK_HEADS_PLOTS,),
+            metrics=(BLOCK_HEADS_METRICS,),
+            plots=(BLOCK_HEADS_ACCURACY,),
+            params=("seed", "block_heads", "train"),
+        ),
+        _training(
+            "train_scratch",
+            "Train the classic four-block convnet from scratch on the photos; log it to MLflow.",
+            "scratch",
+            (IMAGES,),
+        ),
+        Stage(
             "evaluate",
             "Score every model on its test split: metrics, confusion, Grad-CAM; log to MLflow.",
             inputs=(MNIST, IMAGES, *(model.model for model in MODELS.values())),
@@ -222,6 +245,8 @@ STAGES: dict[str, Stage] = {
                 *(model.model for model in MODELS.values()),
                 MNIST,
                 IMAGES,
+                BLOCK_HEADS_METRICS,
+                BLOCK_HEADS_PLOTS,
             ),
             optional=(IMAGES_REPORT, WEIGHTS),  # provenance: what was skipped, the weights' sha256
             outputs=(REPORTS,),
@@ -234,6 +259,8 @@ STAGES: dict[str, Stage] = {
                 "head",
                 "finetune",
                 "features.augment_copies",
+                "scratch",
+                "block_heads",
                 "images.size",
                 "mnist.files",
                 "vgg16.weights",

@@ -22,10 +22,23 @@ class EpochLogger(MlflowCallback):
     which duplicates the `val_*` metrics of each epoch; we keep only the per-epoch ones.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "") -> None:
         super().__init__()
         self.rows: list[dict] = []  # one per epoch: {"epoch": 1-based, Keras' logs..., "epoch_seconds"}
         self._started = 0.0
+        self.prefix = prefix  # before each MLflow metric name: several models trained in one run
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        """MLflow's optimizer params and model summary; under the prefix when there is one
+        (each model of the run has its own optimizer, whose Keras name differs)."""
+        if not self.prefix:
+            super().on_train_begin(logs)
+            return
+        config = self.model.optimizer.get_config()
+        mlflow.log_params({f"{self.prefix}optimizer_{key}": value for key, value in config.items()})
+        lines: list[str] = []
+        self.model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line))
+        mlflow.log_text("\n".join(lines), artifact_file=f"{self.prefix}model_summary.txt")
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._started = time.perf_counter()
@@ -35,6 +48,7 @@ class EpochLogger(MlflowCallback):
         if logs is not None:
             logs = {**logs, "epoch_seconds": seconds}
             self.rows.append({"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}})
+            logs = {f"{self.prefix}{key}": value for key, value in logs.items()}
         super().on_epoch_end(epoch, logs)
 
     def log_restored(self, rows: list[dict]) -> None:

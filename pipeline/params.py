@@ -128,6 +128,15 @@ class AugmentationParams(Section):
     contrast: Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
+def _increasing(blocks: list[int]) -> list[int]:
+    if any(later <= earlier for earlier, later in zip(blocks, blocks[1:])):
+        raise ValueError("must list each block once, shallow to deep (e.g. [3, 4, 5])")
+    return blocks
+
+
+VggBlock = Annotated[int, Field(ge=1, le=5)]  # VGG16's five conv blocks
+
+
 class FeaturesParams(Section):
     batch_size: PositiveInt
     mirror_train: bool  # also cache the left-right mirror of each training photo
@@ -135,6 +144,8 @@ class FeaturesParams(Section):
     # is checked before extracting.
     augment_copies: Annotated[int, Field(ge=0)]
     augmentation: AugmentationParams
+    # blocks whose output (blockN_pool) is also cached globally average-pooled, for train_block_heads
+    pooled_blocks: Annotated[list[VggBlock], Field(min_length=1), AfterValidator(_increasing)]
 
 
 class HeadParams(Section):
@@ -158,6 +169,36 @@ class FinetuneParams(Section):
     early_stopping_patience: Annotated[int, Field(ge=0)]
     keep_by: KeepBy
     augment: bool
+
+
+class BlockHeadsParams(Section):
+    """The small head trained on each VGG16 block's globally pooled output (train_block_heads)."""
+
+    units: PositiveInt
+    dropout: Probability
+    optimizer: Optimizer
+    learning_rate: LearningRate
+    batch_size: PositiveInt
+    epochs: PositiveInt
+    early_stopping_patience: Annotated[int, Field(ge=0)]
+
+
+class ScratchParams(Section):
+    """The classic four-conv-block convnet trained from scratch on the photos (train_scratch)."""
+
+    size: Annotated[int, Field(ge=16, le=512)]  # the model resizes the photos to size x size
+    conv_filters: Annotated[list[PositiveInt], Field(min_length=1, max_length=8)]
+    kernel_size: PositiveInt
+    dense_units: PositiveInt
+    dropout: Probability
+    optimizer: Optimizer
+    learning_rate: LearningRate
+    batch_size: PositiveInt
+    epochs: PositiveInt
+    early_stopping_patience: Annotated[int, Field(ge=0)]
+    augment: bool
+    rotation: Annotated[float, Field(ge=0.0, le=0.5)]
+    zoom: Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class GradcamParams(Section):
@@ -217,6 +258,8 @@ class Params(Section):
     features: FeaturesParams
     head: HeadParams
     finetune: FinetuneParams
+    block_heads: BlockHeadsParams
+    scratch: ScratchParams
     evaluate: EvaluateParams
     report: ReportParams
 

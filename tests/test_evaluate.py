@@ -146,8 +146,8 @@ def test_pick_examples_takes_up_to_half_misclassified_first():
 def test_predict_together_shares_layers_and_matches_predict(tmp_path):
     import keras
 
-    from pipeline.models.inference import predict_together, split_models
-    from tiny_project import vgg_like
+    from pipeline.models.inference import predict_together, sharing_groups, split_models
+    from tiny_project import scratch_like, vgg_like
 
     first, second = vgg_like(seed=1), vgg_like(seed=1)
     second.get_layer("block2_conv2").set_weights([w + 0.1 for w in second.get_layer("block2_conv2").get_weights()])
@@ -161,6 +161,11 @@ def test_predict_together_shares_layers_and_matches_predict(tmp_path):
     together = predict_together(loaded, photos, batch_size=3)
     for model, outputs in zip(loaded, together):
         # a shared trunk and batches of 3 against the whole model in one batch (conftest)
+        assert_float32_close(outputs, model.predict(photos, verbose=0))
+    # A model that shares nothing (the convnet from scratch) runs apart; the two still share.
+    models = [loaded[0], scratch_like(), loaded[1]]
+    assert sharing_groups(models) == [[0, 2], [1]]
+    for model, outputs in zip(models, predict_together(models, photos, batch_size=3)):
         assert_float32_close(outputs, model.predict(photos, verbose=0))
 
 
@@ -177,8 +182,9 @@ def test_evaluate_writes_the_contract(evaluated):
     from tiny_project import MNIST_TEST, PHOTOS_PER_CLASS
 
     metrics = json.loads((evaluated / "metrics/evaluate.json").read_text())
-    assert set(metrics) == {"baseline", "dense", "feature_extraction", "fine_tuning", "dense_vs_baseline",
-                            "fine_tuning_vs_feature_extraction", "translation"}
+    assert set(metrics) == {"baseline", "dense", "feature_extraction", "fine_tuning", "scratch", "dense_vs_baseline",
+                            "fine_tuning_vs_feature_extraction", "scratch_vs_feature_extraction",
+                            "scratch_vs_fine_tuning", "translation"}
     for name, samples in (("baseline", MNIST_TEST), ("fine_tuning", 2 * PHOTOS_PER_CLASS["test"])):
         assert set(metrics[name]) == {
             "test_accuracy", "test_accuracy_ci95", "test_loss", "test_samples", "mlflow_run_id"}  # no per-class block
@@ -187,7 +193,7 @@ def test_evaluate_writes_the_contract(evaluated):
         low, high = metrics[name]["test_accuracy_ci95"]
         assert 0.0 <= low <= metrics[name]["test_accuracy"] <= high <= 1.0
     plots = sorted(p.name for p in (evaluated / "plots/evaluate").iterdir())
-    for name in ("baseline", "dense", "feature_extraction", "fine_tuning"):
+    for name in ("baseline", "dense", "feature_extraction", "fine_tuning", "scratch"):
         assert {f"confusion_{name}.csv", f"confusion_{name}.png", f"misclassified_{name}.png"} <= set(plots)
     assert {"gradcam_fine_tuning.png", "per_class.csv", "correct_mnist.csv", "correct_images.csv",
             "translation.csv", "translation.png"} <= set(plots)
@@ -208,8 +214,9 @@ def test_correct_csv_and_the_paired_test_agree_with_the_metrics(evaluated):
     digits = pd.read_csv(evaluated / "plots/evaluate/correct_mnist.csv")
     photos = pd.read_csv(evaluated / "plots/evaluate/correct_images.csv")
     assert list(digits.columns) == ["sample", "baseline", "dense"]
-    assert list(photos.columns) == ["sample", "feature_extraction", "fine_tuning"]
-    for frame, model in ((digits, "baseline"), (photos, "feature_extraction"), (photos, "fine_tuning")):
+    assert list(photos.columns) == ["sample", "feature_extraction", "fine_tuning", "scratch"]
+    for frame, model in ((digits, "baseline"), (photos, "feature_extraction"), (photos, "fine_tuning"),
+                         (photos, "scratch")):
         assert len(frame) == metrics[model]["test_samples"] and set(frame[model]) <= {0, 1}
         assert frame[model].mean() == pytest.approx(metrics[model]["test_accuracy"])
     paired = metrics["fine_tuning_vs_feature_extraction"]
@@ -217,6 +224,12 @@ def test_correct_csv_and_the_paired_test_agree_with_the_metrics(evaluated):
     assert only_fine == int(((photos["fine_tuning"] == 1) & (photos["feature_extraction"] == 0)).sum())
     assert only_features == int(((photos["fine_tuning"] == 0) & (photos["feature_extraction"] == 1)).sum())
     assert paired["p_value"] == mcnemar_exact(only_fine, only_features)
+    # What pretraining buys: the convnet from scratch paired with feature extraction the same way
+    scratch = metrics["scratch_vs_feature_extraction"]
+    only_scratch, only_head = scratch["only_scratch_right"], scratch["only_feature_extraction_right"]
+    assert only_scratch == int(((photos["scratch"] == 1) & (photos["feature_extraction"] == 0)).sum())
+    assert only_head == int(((photos["scratch"] == 0) & (photos["feature_extraction"] == 1)).sum())
+    assert scratch["p_value"] == mcnemar_exact(only_scratch, only_head)
 
 
 def test_confusion_csv_agrees_with_the_metrics(evaluated):

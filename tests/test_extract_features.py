@@ -133,3 +133,31 @@ def test_more_copies_than_the_disk_holds_stop_before_anything_is_written(workdir
     with pytest.raises(UserError, match=r"data: the feature cache needs .* GiB but the disk has .* GiB free"):
         extract_features.run(Path("params.yaml"))
     assert sorted(Path(".").rglob("*")) == before, "nothing is written"
+def test_pooled_block_outputs_of_the_same_pass_equal_a_forward_pass(tmp_path):
+    """VGG16 (random weights, 32 px): the extractor's block3/4/5 taps, written by extract()
+    beside the cut and block5_pool, are each block's pooled output of a plain forward pass."""
+    from pipeline.models.vgg import build_conv_base
+    from pipeline.stages.extract_features import block_features_file, feature_extractor
+
+    keras.utils.set_random_seed(0)
+    extractor = feature_extractor(None, (32, 32, 3), unfreeze=3, pooled_blocks=(3, 4, 5))
+    assert len(extractor.outputs) == 5
+    photos = np.random.default_rng(2).integers(0, 256, (3, 32, 32, 3)).astype(np.uint8)
+    blocks = [tmp_path / block_features_file("train", block) for block in (3, 4, 5)]
+    extract(extractor, photos, 2, tmp_path / "f.npy", tmp_path / "p.npy", mirrored=True, blocks_out=blocks)
+
+    # The same weights as a plain Keras VGG16 with keras.applications' own preprocessing.
+    conv_base = build_conv_base(None, (32, 32, 3))
+    for layer in conv_base.layers[1:]:
+        layer.set_weights(extractor.get_layer(layer.name).get_weights())
+    both = np.concatenate([photos, photos[:, :, ::-1]]).astype(np.float32)
+    preprocessed = keras.applications.vgg16.preprocess_input(both.copy())
+    for block, path in zip((3, 4, 5), blocks):
+        upto = keras.Model(conv_base.input, conv_base.get_layer(f"block{block}_pool").output)
+        expected = upto.predict(preprocessed, verbose=0).mean(axis=(1, 2))
+        cached = np.load(path)
+        assert cached.shape == (6, expected.shape[1])
+        assert_float32_close(cached, expected, err_msg=f"block{block}")
+    block4 = keras.Model(conv_base.input, conv_base.get_layer("block4_pool").output).predict(preprocessed, verbose=0)
+    assert_float32_close(np.load(tmp_path / "f.npy"), block4)  # the cut of unfreeze 3, as before
+    assert_float32_close(np.load(tmp_path / "p.npy"), conv_base.predict(preprocessed, verbose=0))

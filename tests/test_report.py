@@ -193,9 +193,9 @@ def test_report_results_table_matches_evaluate(reported):
     headers = [cell.text for cell in table.iter("th")]
     rows = [[cell.text for cell in row.iter("td")] for row in table.find("tbody")]
     column = headers.index("test accuracy")
-    models = ("baseline", "dense", "feature_extraction", "fine_tuning")
+    models = ("baseline", "dense", "feature_extraction", "fine_tuning", "scratch")
     assert [row[0] for row in rows] == ["Baseline convnet", "Dense-only network", "VGG16 feature extraction",
-                                        "VGG16 fine-tuned"]
+                                        "VGG16 fine-tuned", "Convnet from scratch"]
     expected = [round(metrics[name]["test_accuracy"], 4) for name in models]
     assert [float(row[column]) for row in rows] == pytest.approx(expected)
     shown = [float(end) for row in rows for end in row[headers.index("95% interval")].split(" - ")]
@@ -204,6 +204,30 @@ def test_report_results_table_matches_evaluate(reported):
     markdown = (reported / "reports/report.md").read_text()
     paired = metrics["fine_tuning_vs_feature_extraction"]
     assert f"{paired['only_fine_tuning_right'] + paired['only_feature_extraction_right']} discordant" in markdown
+
+
+def test_report_draws_accuracy_by_block_and_pretraining_and_says_what_they_show(reported):
+    from pipeline.reporting.content import format_p
+
+    markdown = (reported / "reports/report.md").read_text()
+    blocks = json.loads((reported / "metrics/block_heads.json").read_text())
+    section = markdown.split("## What each VGG16 block knows", 1)[1].split("\n## ", 1)[0]
+    linked = re.findall(r"\]\(figures/([^)]+)\)", section)
+    # accuracy against depth, beside the activation maps of the same blocks' outputs
+    assert linked == ["accuracy_by_block.png", "blocks_block1_pool.png", "blocks_block2_pool.png"]
+    pair = blocks["block2_vs_block1"]
+    assert f"block2 against block1: {'block2 is better' if pair['p_value'] < 0.05 else 'no measurable difference'}" \
+        f" (p = {format_p(pair['p_value'])}; {pair['only_block2_right']} test photos" in section
+    assert "block1 58.3%" in section and "block2 83.3%" in section  # the tiny heads: 7 and 10 of 12 right
+    assert "Here " in section  # the verdict on depth, in words
+
+    metrics = json.loads((reported / "metrics/evaluate.json").read_text())
+    section = markdown.split("## What pretraining buys", 1)[1].split("\n## ", 1)[0]
+    paired = metrics["scratch_vs_feature_extraction"]
+    discordant = paired["only_scratch_right"] + paired["only_feature_extraction_right"]
+    assert f"p = {format_p(paired['p_value'])}" in section and f"{discordant} discordant" in section
+    assert re.findall(r"\]\(figures/([^)]+)\)", section) == ["pretraining.png"]
+    assert "on its training photos" in section and "Here " in section
 
 
 def test_report_per_class_table_is_read_from_per_class_csv(reported):
@@ -278,3 +302,32 @@ def test_transfer_sentence_says_what_fine_tuning_did(kept, keep_by, says):
                                                    "only_feature_extraction_right": 0}}
     sentence = transfer_sentence([features, fine], paired)
     assert sentence is not None and says in sentence
+
+
+def blocks_metrics(rights: dict[int, int], pairs: dict[str, tuple[int, int, float]], total: int = 100) -> dict:
+    from pipeline.evaluation import wilson_interval
+
+    metrics = {f"block{block}": {"test_accuracy": right / total, "test_accuracy_ci95": list(wilson_interval(right, total)),
+                                 "test_samples": total} for block, right in rights.items()}
+    for key, (only_deeper, only_shallower, p_value) in pairs.items():
+        deeper, shallower = key.split("_vs_")
+        metrics[key] = {"p_value": p_value, f"only_{deeper}_right": only_deeper,
+                        f"only_{shallower}_right": only_shallower}
+    return metrics
+
+
+@pytest.mark.parametrize("rights, pairs, verdict", [
+    ({3: 70, 4: 85, 5: 95}, {"block4_vs_block3": (20, 5, 0.004), "block5_vs_block4": (12, 2, 0.013)},
+     "each block holds measurably more"),
+    ({3: 70, 4: 90, 5: 80}, {"block4_vs_block3": (25, 5, 0.0003), "block5_vs_block4": (2, 12, 0.013)},
+     "the deepest block is not the best: block4 is"),
+    ({3: 70, 4: 90, 5: 91}, {"block4_vs_block3": (25, 5, 0.0003), "block5_vs_block4": (3, 2, 1.0)},
+     "block5 and block4 are not measurably different"),
+])
+def test_depth_sentences_state_what_the_curve_shows(rights, pairs, verdict):
+    from pipeline.reporting.content import depth_sentences
+
+    text = " ".join(depth_sentences(blocks_metrics(rights, pairs)))
+    assert verdict in text
+    assert "block3 70.0% (" in text and "block4 against block3: block4 is better (p = 0.004" in text \
+        or "block4 against block3: block4 is better (p = 0.0003" in text

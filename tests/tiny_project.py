@@ -92,8 +92,21 @@ def vgg_like(seed: int):
     return keras.Model(image, output, name="vgg16_classifier")
 
 
+def scratch_like():
+    """The convnet from scratch of pipeline.models.scratch, tiny: raw RGB in, resized inside."""
+    import keras
+
+    from pipeline.models.scratch import build_scratch_convnet
+    from pipeline.params import parse_params
+
+    params = tiny_params()
+    params["scratch"].update(size=48, conv_filters=[2, 2, 2, 2], dense_units=4)
+    keras.utils.set_random_seed(2)
+    return build_scratch_convnet((IMAGE_SIZE, IMAGE_SIZE, 3), 2, parse_params(params).scratch)
+
+
 def write_models(root: Path, params: dict) -> dict:
-    """models/baseline.keras, dense.keras, head.keras and finetuned.keras; returns them by stage."""
+    """models/baseline.keras, dense.keras, head.keras, finetuned.keras and scratch.keras; returns them by stage."""
     import keras
 
     from pipeline.models.baseline import build_baseline
@@ -110,9 +123,10 @@ def write_models(root: Path, params: dict) -> dict:
         layer = finetuned.get_layer(name)
         layer.set_weights([w * 1.5 + 0.01 for w in layer.get_weights()])
     (root / "models").mkdir()
-    models = {"train_baseline": baseline, "train_dense": dense, "train_head": head, "finetune": finetuned}
+    models = {"train_baseline": baseline, "train_dense": dense, "train_head": head, "finetune": finetuned,
+              "train_scratch": scratch_like()}
     for stage, file_name in (("train_baseline", "baseline"), ("train_dense", "dense"), ("train_head", "head"),
-                             ("finetune", "finetuned")):
+                             ("finetune", "finetuned"), ("train_scratch", "scratch")):
         models[stage].save(root / "models" / f"{file_name}.keras")
     return models
 
@@ -136,7 +150,7 @@ def write_training_outputs(root: Path, params: dict, models: dict) -> dict[str, 
         mlflow.log_metrics({"test_accuracy": 0.99, "test_loss": 0.05})
     run_ids = {}
     sections = {"train_baseline": ("baseline", "baseline"), "train_dense": ("dense", "dense"), "train_head": ("head", "head"),
-                "finetune": ("finetune", "finetune")}
+                "finetune": ("finetune", "finetune"), "train_scratch": ("scratch", "scratch")}
     for stage, (section, file_name) in sections.items():
         with stage_run(stage, {section: params[section]}, [], experiment) as run:
             mlflow.log_metrics({"test_accuracy": 0.5, "test_loss": 0.7, "seconds_per_epoch": 0.1})
@@ -153,13 +167,37 @@ def write_training_outputs(root: Path, params: dict, models: dict) -> dict[str, 
     return run_ids
 
 
+def write_block_heads_outputs(root: Path) -> None:
+    """metrics/block_heads.json and plots/block_heads/ as train_block_heads writes them, from
+    made-up heads of blocks 1 and 2 (the VGG-like models' blocks) on the test photos."""
+    import pandas as pd
+
+    from pipeline.evaluation import score
+    from pipeline.stages.common import FitResult
+    from pipeline.stages.train_block_heads import BlockHead, block_metrics, write_plots
+
+    labels = np.arange(2 * PHOTOS_PER_CLASS["test"]) % 2
+    history = pd.DataFrame({"epoch": [1], "loss": [0.7], "val_loss": [0.8], "epoch_seconds": [0.1]})
+    heads = []
+    for block, right in ((1, 7), (2, 10)):
+        correct = np.arange(len(labels)) < right
+        outputs = np.where(correct, labels, 1 - labels).astype(np.float32)[:, None] * 0.8 + 0.1
+        heads.append(BlockHead(block, FitResult(history, 0.1), score(labels, outputs, CLASS_NAMES), correct))
+    (root / "plots" / "block_heads").mkdir(parents=True)
+    write_plots(root / "plots" / "block_heads", heads)
+    (root / "metrics").mkdir(exist_ok=True)
+    (root / "metrics" / "block_heads.json").write_text(json.dumps(block_metrics(heads)))
+
+
 def make_tiny_project(root: Path) -> dict[str, str]:
     """Everything evaluate and report read, in `root` (the current directory for the stages)."""
     params = tiny_params()
     write_yaml(root / "params.yaml", params)
     write_data(root)
     models = write_models(root, params)
-    return write_training_outputs(root, params, models)
+    run_ids = write_training_outputs(root, params, models)
+    write_block_heads_outputs(root)
+    return run_ids
 
 
 def run_stages_in_tiny_project(root: Path, *stages) -> Path:

@@ -79,15 +79,37 @@ def predict_together(models: Sequence[keras.Model], images: np.ndarray, batch_si
 
     In: models taking the same input, images in that input's format (uint8 is fine: each
     batch is cast on its own, so the whole set is never held as float32). Out: one array per
-    model, in order, equal to `model.predict(images)` up to float rounding.
+    model, in order, equal to `model.predict(images)` up to float rounding. Models that share
+    no layer with the others (a convnet from scratch beside two VGG16 classifiers) run apart,
+    so they do not keep the others from sharing theirs.
     """
+    groups = sharing_groups(models)
+    if len(groups) > 1:
+        outputs: dict[int, np.ndarray] = {}
+        for group in groups:
+            together = predict_together([models[i] for i in group], images, batch_size)
+            outputs.update(zip(group, together))
+        return [outputs[i] for i in range(len(models))]
     split = split_models(models) if len(models) > 1 else None
     if split is None:
         return [model.predict(images, batch_size=batch_size, verbose=0) for model in models]
     shared, tops = split
-    outputs: list[list[np.ndarray]] = [[] for _ in models]
+    batches: list[list[np.ndarray]] = [[] for _ in models]
     for start in range(0, len(images), batch_size):
         features = shared.predict_on_batch(images[start : start + batch_size])
-        for top, collected in zip(tops, outputs):
+        for top, collected in zip(tops, batches):
             collected.append(np.asarray(top.predict_on_batch(features)))
-    return [np.concatenate(collected) for collected in outputs]
+    return [np.concatenate(collected) for collected in batches]
+
+
+def sharing_groups(models: Sequence[keras.Model]) -> list[list[int]]:
+    """The indices of `models`, grouped (in order) with the first model they share layers with."""
+    groups: list[list[int]] = []
+    for i, model in enumerate(models):
+        for group in groups:
+            if split_models([models[group[0]], model]) is not None:
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups

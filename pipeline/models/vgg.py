@@ -201,3 +201,59 @@ def standalone_copy(model: keras.Model) -> keras.Model:
 
 def _named_layers(model: keras.Model, names: tuple[str, ...]) -> list[layers.Layer]:
     return [model.get_layer(name) for name in names]
+
+
+def block_output_layer(block: int) -> str:
+    """The layer whose output is VGG16 block `block`'s output (1-5): its max pooling."""
+    name = f"block{block}_pool"
+    if name not in VGG16_LAYERS:
+        raise ValueError(f"VGG16 has blocks 1 to 5, not {block}")
+    return name
+
+
+def feature_model(conv_base: keras.Model, unfreeze: int, pooled_blocks: tuple[int, ...] = ()) -> keras.Model:
+    """Raw RGB photos -> [activation at `last_frozen_layer(unfreeze)`, block5_pool, then the
+    globally average-pooled output of each block in `pooled_blocks`], in ONE forward pass.
+
+    The conv base's layers are applied once, in order (shared weights), and each output is
+    tapped where it passes: the pooled block outputs cost a mean over each map, not a pass.
+    Sets the trainable flags as `split_at_last_frozen_layer` does (the same cut).
+    """
+    cut = last_frozen_layer(unfreeze)
+    set_trainable_layers(conv_base, unfreeze)
+    image = keras.Input(shape=conv_base.input.shape[1:], name="image")
+    x = VGGPreprocess()(image)
+    tapped = {}
+    for name in VGG16_LAYERS:
+        x = conv_base.get_layer(name)(x)
+        tapped[name] = x
+    pooled = [
+        layers.GlobalAveragePooling2D(name=f"block{block}_gap")(tapped[block_output_layer(block)])
+        for block in pooled_blocks
+    ]
+    return keras.Model(image, [tapped[cut], tapped[VGG16_LAYERS[-1]], *pooled], name="feature_extractor")
+
+
+def build_block_head(
+    train_features: np.ndarray, num_classes: int, units: int, dropout: float, name: str = "block_head"
+) -> keras.Model:
+    """A small classifier on one block's pooled features (N, C): standardise, Dense(relu),
+    Dropout, output (one sigmoid unit for 2 classes, else softmax).
+
+    The standardisation is a Normalization layer adapted to `train_features` (their mean
+    and variance per channel): blocks differ in scale, and the comparison across depth
+    should be of what the features hold, not of how large they are.
+    """
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    binary = num_classes == 2
+    standardise = layers.Normalization(axis=-1, name="standardise")
+    standardise.adapt(train_features)
+    features = keras.Input(shape=train_features.shape[1:], name="features")
+    x = standardise(features)
+    x = layers.Dense(units, activation="relu", name="head_dense")(x)
+    x = layers.Dropout(dropout, name="head_dropout")(x)
+    outputs = layers.Dense(
+        1 if binary else num_classes, activation="sigmoid" if binary else "softmax", name="head_output"
+    )(x)
+    return keras.Model(features, outputs, name=name)

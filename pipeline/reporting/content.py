@@ -40,6 +40,8 @@ class Figures:
     classic: list[Picture] = field(default_factory=list)
     patterns: list[Picture] = field(default_factory=list)
     activations: list[Picture] = field(default_factory=list)
+    blocks: list[Picture] = field(default_factory=list)  # accuracy by VGG16 block, that block's activations
+    pretraining: list[Picture] = field(default_factory=list)  # pretrained vs from scratch
 
 
 @dataclass
@@ -75,6 +77,10 @@ class ReportInputs:
     generated: str  # when and from which commit, one line
     translation: Translation | None = None  # the translation test, when evaluate ran it
     studies: list[StudyResult] = field(default_factory=list)  # every study of studies.yaml
+    # metrics/block_heads.json: {"block3": {test_accuracy, test_accuracy_ci95, ...}, "block4_vs_block3": {...}}
+    blocks: dict[str, dict] = field(default_factory=dict)
+    # {model: (training accuracy, validation accuracy) at the epoch it kept}, from its history
+    fit_gap: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 # The level at which a paired test calls a difference measurable: that of the 95% intervals.
@@ -434,6 +440,170 @@ def filters_section(figures: Figures) -> Section:
     )
 
 
+# ---------------------------------------------------------------------------- evidence
+
+
+def block_keys(blocks: dict[str, dict]) -> list[str]:
+    """The block entries of block_heads.json ("block3", ...), shallow to deep (pairs left out)."""
+    return sorted((key for key in blocks if "_vs_" not in key), key=lambda key: int(key.removeprefix("block")))
+
+
+def blocks_table(blocks: dict[str, dict]) -> pd.DataFrame:
+    rows = []
+    for key in block_keys(blocks):
+        scores = blocks[key]
+        rows.append(
+            {
+                "features": f"{key}_pool, averaged",
+                "test accuracy": round(scores["test_accuracy"], 4),
+                "95% interval": format_interval(scores["test_accuracy_ci95"]),
+                "test samples": scores["test_samples"],
+                "epochs": scores.get("epochs"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def depth_sentences(blocks: dict[str, dict]) -> list[str]:
+    """What accuracy against depth shows: each block against the one before it (McNemar's
+    exact test on the same test photos), then the verdict on the deepest block."""
+    keys = block_keys(blocks)
+    scores = ", ".join(
+        f"{key} {percent(blocks[key]['test_accuracy'])} ({percent(blocks[key]['test_accuracy_ci95'][0])} to "
+        f"{percent(blocks[key]['test_accuracy_ci95'][1])})"
+        for key in keys
+    )
+    sentences = [f"Test accuracy of a head on each block's pooled output, with its 95% interval: {scores}."]
+    verdicts = []
+    for shallower, deeper in zip(keys, keys[1:]):
+        test = blocks.get(f"{deeper}_vs_{shallower}")
+        if test is None:
+            continue
+        only_deeper, only_shallower = test[f"only_{deeper}_right"], test[f"only_{shallower}_right"]
+        verdict = paired_verdict(test["p_value"], only_deeper > only_shallower, deeper)
+        verdicts.append((deeper, shallower, verdict))
+        sentences.append(
+            f"{deeper} against {shallower}: {verdict} (p = {format_p(test['p_value'])}; {only_deeper} test photos "
+            f"only {deeper}'s head got right, {only_shallower} only {shallower}'s)."
+        )
+    best = max(keys, key=lambda key: blocks[key]["test_accuracy"])
+    deepest = keys[-1]
+    if not verdicts:
+        return sentences
+    last_deeper, last_shallower, last = verdicts[-1]
+    if all(verdict.endswith("better") for _, _, verdict in verdicts):
+        sentences.append(
+            "Here each block holds measurably more of what tells the classes apart than the one below it: "
+            "the deeper, more abstract features are the more task-relevant ones, as the lesson says."
+        )
+    elif best != deepest and any(verdict.endswith("worse") for _, _, verdict in verdicts):
+        sentences.append(
+            f"Here the deepest block is not the best: {best} is, and a deeper block is measurably worse than "
+            "the one below it; the upper layers' features are too specific to ImageNet's task to help this "
+            "one as much (the lesson's 'sometimes only its lower layers')."
+        )
+    elif last.endswith("better"):
+        sentences.append(
+            f"Here {deepest}, the deepest block, is measurably better than {last_shallower}: accuracy grows with "
+            "depth where it matters most, although not measurably at every step."
+        )
+    else:
+        sentences.append(
+            f"Here {last_deeper} and {last_shallower} are not measurably different on these test photos: past "
+            f"{last_shallower}, more depth did not buy a measurable gain (the best point estimate is {best}'s)."
+        )
+    return sentences
+
+
+def blocks_section(blocks: dict[str, dict], figures: Figures) -> Section:
+    """What each VGG16 block knows: accuracy against depth, beside the same blocks' activations."""
+    blocks_out: list[Block] = [
+        Text(
+            "The lesson says a convnet learns a hierarchy: lower layers hold general features (edges, colours, "
+            "textures), upper ones more abstract, task-specific ones. Measured here: the output of each VGG16 "
+            "block (ImageNet weights, frozen) was averaged over its positions, cached in the same pass that "
+            "cached the head's features, and a small head (standardise, dense, dropout, output) was trained "
+            "on each and scored on the same test photos as the models above."
+        ),
+    ]
+    if not blocks:
+        return Section("What each VGG16 block knows", [*blocks_out, Text("No block heads were trained.")])
+    blocks_out.append(Table(blocks_table(blocks), name="blocks"))
+    blocks_out += [Text(sentence) for sentence in depth_sentences(blocks)]
+    blocks_out.append(
+        Text(
+            "Below: accuracy against depth, then what those same blocks output for one test photo "
+            "(the feature-extraction model's frozen ImageNet layers): the maps shrink and turn from "
+            "picture-like edges and colours into sparse, abstract detectors as the head's accuracy changes."
+        )
+    )
+    blocks_out += figures.blocks
+    return Section("What each VGG16 block knows", blocks_out)
+
+
+def pretraining_sentences(
+    models: Sequence[ModelResult], paired: dict[str, dict], fit_gap: dict[str, tuple[float, float]]
+) -> list[str]:
+    """Pretrained features (the feature-extraction head) against the convnet from scratch."""
+    by_name = {model.name: model for model in models}
+    test = paired.get("scratch_vs_feature_extraction")
+    if test is None or not {"feature_extraction", "scratch"} <= by_name.keys():
+        return []
+    head, scratch = by_name["feature_extraction"], by_name["scratch"]
+    only_head, only_scratch = test["only_feature_extraction_right"], test["only_scratch_right"]
+    verdict = paired_verdict(test["p_value"], only_head > only_scratch, "pretraining")
+    change = 100 * (head.evaluation["test_accuracy"] - scratch.evaluation["test_accuracy"])
+    sentences = [
+        f"On the same {head.evaluation['test_samples']} test photos, the head on VGG16's ImageNet features "
+        f"against the convnet trained from scratch: {verdict} (p = {format_p(test['p_value'])}, "
+        f"{errors(head)} vs {errors(scratch)} errors, {only_head + only_scratch} discordant: {only_head} only the "
+        f"pretrained model got right, {only_scratch} only the one from scratch). Test accuracy "
+        f"{percent(scratch.evaluation['test_accuracy'])} from scratch -> "
+        f"{percent(head.evaluation['test_accuracy'])} with pretraining ({change:+.1f} points)."
+    ]
+    gaps = []
+    for name, model in (("scratch", scratch), ("feature_extraction", head)):
+        if name in fit_gap:
+            train, validation = fit_gap[name]
+            gaps.append(
+                f"{model.title}: {percent(train)} on its training photos, {percent(validation)} on validation "
+                f"({100 * (train - validation):+.1f} points)"
+            )
+    if gaps:
+        sentences.append(
+            "Training against validation accuracy at the epoch each kept, the overfitting gauge: "
+            + "; ".join(gaps)
+            + "."
+        )
+    if verdict == "pretraining is better":
+        sentences.append(
+            "Here pretraining buys a measurable gain: on so few photos a convnet must learn its features from "
+            "scratch, while VGG16 brings features learned on 1.2 million ImageNet images."
+        )
+    elif verdict == "no measurable difference":
+        sentences.append(
+            "Here pretraining buys no measurable gain on these test photos: the evidence does not separate the two."
+        )
+    else:
+        sentences.append("Here the convnet from scratch is measurably better: pretraining did not pay on this data.")
+    return sentences
+
+
+def pretraining_section(
+    models: Sequence[ModelResult], paired: dict[str, dict], fit_gap: dict[str, tuple[float, float]], figures: Figures
+) -> Section:
+    """What pretraining buys: feature extraction against the convnet from scratch, paired."""
+    intro = Text(
+        "The lesson says pretrained features make a small photo set learnable where a convnet trained from "
+        "scratch overfits. Measured here: the classic four-conv-block convnet of the cats-vs-dogs lesson, "
+        "trained from scratch on the same training photos, scored on the same test photos as the VGG16 models."
+    )
+    sentences = pretraining_sentences(models, paired, fit_gap)
+    if not sentences:
+        return Section("What pretraining buys", [intro, Text("No convnet from scratch was trained.")])
+    return Section("What pretraining buys", [intro, *(Text(s) for s in sentences), *figures.pretraining])
+
+
 # ---------------------------------------------------------------------------- models
 
 
@@ -581,6 +751,8 @@ def build_report(inputs: ReportInputs) -> Report:
             training_section(inputs.figures),
             evaluation_section(inputs.figures),
             filters_section(inputs.figures),
+            blocks_section(inputs.blocks, inputs.figures),
+            pretraining_section(inputs.models, inputs.paired, inputs.fit_gap, inputs.figures),
             models_section(inputs.models),
             provenance_section(inputs.provenance),
             timings_section(inputs.timings, inputs.visualize_seconds),

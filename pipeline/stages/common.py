@@ -125,9 +125,13 @@ def fit(
     shuffle_seed: int = 0,
     run: StageRun | None = None,
     keep_by: str = "val_loss",
+    metric_prefix: str = "",
 ) -> FitResult:
     """model.fit with per-epoch MLflow logging and timing (and optional early stopping, which
     keeps the epoch with the best `keep_by`: "val_loss" or "val_accuracy").
+
+    `metric_prefix` goes before each per-epoch MLflow metric ("block3." -> block3.val_loss),
+    for a stage that trains several models in its run.
 
     Given the stage's `run`, the training is resumable (pipeline/resume.py): each epoch's
     state is backed up under .resume/<stage>/, and a backup left by a killed run with the
@@ -140,7 +144,7 @@ def fit(
 
     from pipeline.epoch_logger import EpochLogger, StopOnSignal
 
-    logger = EpochLogger()
+    logger = EpochLogger(metric_prefix)
     callbacks: list[keras.callbacks.Callback] = [StopOnSignal(), logger]
     early_stopping = None
     if early_stopping_patience and validation is not None:

@@ -2,7 +2,9 @@
 
 For each split writes data/features/<split>_frozen.npy (the activation at the last frozen
 layer: block4_pool for `finetune.unfreeze: 3`), <split>_pooled.npy (block5_pool, the head's
-input, computed from that cache through the block5 layers) and <split>_labels.npy, plus
+input, computed from that cache through the block5 layers), for each block N of
+`features.pooled_blocks` <split>_block<N>_gap.npy (blockN_pool averaged over its positions:
+train_block_heads' input, tapped in the same forward pass) and <split>_labels.npy, plus
 class_names.json. Batches are written into the .npy files by offset, so memory stays bounded
 whatever the number of photos or of augmented copies (`features.augment_copies`).
 """
@@ -12,6 +14,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,17 +35,19 @@ OUT = catalog.FEATURES
 SPLITS = ("train", "validation", "test")
 
 
-def feature_extractor(weights: str | None, image_shape: tuple[int, int, int], unfreeze: int):
-    """Raw uint8 photos -> (activation at the last frozen layer, block5_pool)."""
-    import keras
+def feature_extractor(
+    weights: str | None, image_shape: tuple[int, int, int], unfreeze: int, pooled_blocks: Sequence[int] = ()
+):
+    """Raw uint8 photos -> (activation at the last frozen layer, block5_pool, then each block
+    of `pooled_blocks` globally average-pooled), all from one forward pass."""
+    from pipeline.models.vgg import build_conv_base, feature_model
 
-    from pipeline.models.vgg import VGGPreprocess, build_conv_base, split_at_last_frozen_layer
+    return feature_model(build_conv_base(weights, image_shape), unfreeze, tuple(pooled_blocks))
 
-    conv_base = build_conv_base(weights, image_shape)
-    frozen, top = split_at_last_frozen_layer(conv_base, unfreeze)
-    image = keras.Input(shape=image_shape, name="image")
-    cached = frozen(VGGPreprocess()(image))
-    return keras.Model(image, [cached, top(cached)], name="feature_extractor")
+
+def block_features_file(split: str, block: int) -> str:
+    """The cache file of block `block`'s pooled output for `split`: train_block3_gap.npy."""
+    return f"{split}_block{block}_gap.npy"
 
 
 class Augmented(NamedTuple):
@@ -65,8 +71,10 @@ def extract(
     pooled_out: Path,
     mirrored: bool = False,
     augmented: Augmented | None = None,
+    blocks_out: Sequence[Path] = (),
 ) -> None:
-    """Run `extractor` over `images` in batches, writing both outputs as .npy files, row by row.
+    """Run `extractor` over `images` in batches, writing its outputs as .npy files, row by row:
+    the first two to `frozen_out` and `pooled_out`, any further ones to `blocks_out`, in order.
 
     With `mirrored`, the left-right mirror image of every photo follows the originals (rows
     N..2N-1); with `augmented`, copy k (1..K) of every photo follows them, each batch made by
@@ -77,7 +85,10 @@ def extract(
     shapes = [tuple(t.shape[1:]) for t in extractor.outputs]
     count = len(images)
     rows = count * views_per_photo(mirrored, augmented)
-    with NpyRows(frozen_out, (rows, *shapes[0])) as frozen, NpyRows(pooled_out, (rows, *shapes[1])) as pooled:
+    with ExitStack() as files:
+        frozen = files.enter_context(NpyRows(frozen_out, (rows, *shapes[0])))
+        pooled = files.enter_context(NpyRows(pooled_out, (rows, *shapes[1])))
+        blocks = [files.enter_context(NpyRows(path, (rows, *shape))) for path, shape in zip(blocks_out, shapes[2:])]
         views = (
             ["original"] + (["mirror"] if mirrored else []) + (["augmented"] * (augmented.copies if augmented else 0))
         )
@@ -85,16 +96,18 @@ def extract(
         for index, (view, start) in enumerate(tqdm(batches, desc=frozen_out.stem, unit="batch")):
             raise_if_signalled()  # a signal swallowed inside predict stops the loop here
             batch = images[start : start + batch_size]
-            block = index // -(-count // batch_size)  # which view: rows block*N .. block*N + N-1
+            part = index // -(-count // batch_size)  # which view: rows part*N .. part*N + N-1
             if view == "mirror":
                 batch = batch[:, :, ::-1]
             elif view == "augmented" and augmented is not None:
-                copy = block - int(mirrored)
+                copy = part - int(mirrored)
                 batch = augment_batch(batch, augmented.factors, augmented.seed, copy, start)
-            cached, head_input = extractor.predict_on_batch(batch)
-            row = block * count + start
+            cached, head_input, *block_outputs = extractor.predict_on_batch(batch)
+            row = part * count + start
             frozen.write(row, cached)
             pooled.write(row, head_input)
+            for block, output in zip(blocks, block_outputs):
+                block.write(row, output)
 
 
 class NpyRows:
@@ -121,7 +134,7 @@ class NpyRows:
 
 
 def cache_bytes(extractor, rows: int) -> int:
-    """Bytes that `rows` cached rows of both outputs take (float32)."""
+    """Bytes that `rows` cached rows of every output take (float32)."""
     return rows * sum(4 * int(np.prod(t.shape[1:])) for t in extractor.outputs)
 
 
@@ -153,7 +166,8 @@ def run(params_file: Path) -> None:
         class_names = [str(name) for name in data["class_names"]]
         splits = {split: (data[f"x_{split}"], data[f"y_{split}"]) for split in SPLITS}
     augmented = augmented_of(params.features, params.seed)
-    extractor = feature_extractor(str(WEIGHTS), splits["train"][0].shape[1:], params.finetune.unfreeze)
+    blocks = params.features.pooled_blocks
+    extractor = feature_extractor(str(WEIGHTS), splits["train"][0].shape[1:], params.finetune.unfreeze, blocks)
     train_views = views_per_photo(params.features.mirror_train, augmented)
     views = {split: train_views if split == "train" else 1 for split in SPLITS}
     rows = sum(len(images) * views[split] for split, (images, _) in splits.items())
@@ -171,6 +185,7 @@ def run(params_file: Path) -> None:
                     staging / f"{split}_pooled.npy",
                     train and params.features.mirror_train,
                     augmented if train else None,
+                    [staging / block_features_file(split, block) for block in blocks],
                 )
                 np.save(staging / f"{split}_labels.npy", np.concatenate([labels] * views[split]))
                 photos += len(images) * views[split]

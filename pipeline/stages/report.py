@@ -20,6 +20,8 @@ import pandas as pd
 
 from pipeline import catalog
 from pipeline.catalog import (
+    BLOCK_HEADS_METRICS,
+    BLOCK_HEADS_PLOTS,
     EVALUATE_METRICS,
     EVALUATE_PER_CLASS,
     EVALUATE_PLOTS,
@@ -50,6 +52,7 @@ TITLES = {
     "dense": ("Dense-only network", "MNIST test digits"),
     "feature_extraction": ("VGG16 feature extraction", "test photos"),
     "fine_tuning": ("VGG16 fine-tuned", "test photos"),
+    "scratch": ("Convnet from scratch", "test photos"),
 }
 
 
@@ -94,6 +97,18 @@ def key_params(name: str, params: Params) -> dict[str, object]:
             "batch": h.batch_size,
             "kept by": h.keep_by,
             "image size": params.images.size,
+        }
+    if name == "scratch":
+        s = params.scratch
+        return {
+            "conv_filters": s.conv_filters,
+            "size": s.size,
+            "dense": s.dense_units,
+            "dropout": s.dropout,
+            "optimizer": s.optimizer,
+            "lr": s.learning_rate,
+            "batch": s.batch_size,
+            "augment": s.augment,
         }
     f = params.finetune
     return {
@@ -208,6 +223,57 @@ def draw_filters(params: Params, models: dict) -> tuple[Figures, dict[str, float
             caption = f"{title}: activations of {layer} for test image {p.image_index}"
             figures.activations.append(Picture(f"activations_{name}_{layer}.png", png, caption))
     return figures, seconds
+
+
+def block_figures(params: Params, models: dict, blocks: dict[str, dict], figures: Figures) -> None:
+    """Accuracy by VGG16 block (train_block_heads' figure), then the activation maps of those
+    blocks' outputs (blockN_pool of the feature-extraction model's frozen ImageNet layers) for
+    the report's test photo."""
+    from pipeline.reporting.content import block_keys
+    from pipeline.viz.activations import activation_maps, activation_maps_figures
+    from pipeline.viz.common import figure_to_png_bytes
+
+    figures.blocks.append(
+        picture(BLOCK_HEADS_PLOTS / "accuracy_by_block.png", "Test accuracy of a head on each VGG16 block's output")
+    )
+    layers = [f"{key}_pool" for key in block_keys(blocks)]
+    photo = test_image(IMAGES, params.report.image_index).astype(np.float32)
+    maps = activation_maps(models["feature_extraction"], photo, layers)
+    for layer, figure in activation_maps_figures(maps, params.report.activation_channels).items():
+        caption = f"{layer} (ImageNet weights): activations for test photo {params.report.image_index}"
+        figures.blocks.append(Picture(f"blocks_{layer}.png", figure_to_png_bytes(figure), caption))
+
+
+def pretraining_figure(evaluation: dict, figures: Figures) -> None:
+    """The photo models' test accuracies with their intervals, side by side."""
+    from pipeline.viz.common import figure_to_png_bytes
+    from pipeline.viz.evidence import accuracy_with_intervals_figure
+
+    names = [name for name, trained in MODELS.items() if trained.test_data == IMAGES]
+    figure = accuracy_with_intervals_figure(
+        [TITLES[name][0] for name in names],
+        [evaluation[name]["test_accuracy"] for name in names],
+        [evaluation[name]["test_accuracy_ci95"] for name in names],
+        "The same test photos: pretrained VGG16 against a convnet from scratch",
+        line=False,
+    )
+    caption = "Test accuracy with its 95% interval, the photo models side by side"
+    figures.pretraining.append(Picture("pretraining.png", figure_to_png_bytes(figure), caption))
+
+
+def fit_gaps() -> dict[str, tuple[float, float]]:
+    """{model: (training accuracy, validation accuracy) at the epoch it kept}, from history.csv."""
+    gaps = {}
+    for name, trained in MODELS.items():
+        history = pd.read_csv(trained.history)
+        if not {"accuracy", "val_accuracy"} <= set(history.columns) or history.empty:
+            continue
+        kept = json.loads(trained.metrics.read_text()).get("kept_epoch")
+        if kept == 0:  # it kept its starting weights: no epoch to read
+            continue
+        row = history.iloc[min(kept or len(history), len(history)) - 1]
+        gaps[name] = (float(row["accuracy"]), float(row["val_accuracy"]))
+    return gaps
 
 
 def stage_figures(figures: Figures) -> None:
@@ -368,6 +434,9 @@ def make_report(params: Params, active_run: StageRun) -> tuple[Report, dict[str,
     figures, seconds = draw_filters(params, models)
     seconds["total"] = round(time.perf_counter() - started, 2)
     stage_figures(figures)
+    blocks = json.loads(BLOCK_HEADS_METRICS.read_text())
+    block_figures(params, models, blocks, figures)
+    pretraining_figure(evaluation, figures)
     timings, earlier = mlflow_tables(params.mlflow.experiment, mlflow_run_ids(evaluation))
     commit = active_run.tags.get("mlflow.source.git.commit", "none")[:8]
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -382,6 +451,8 @@ def make_report(params: Params, active_run: StageRun) -> tuple[Report, dict[str,
             timings=timings,
             earlier=earlier,
             visualize_seconds=seconds,
+            blocks=blocks,
+            fit_gap=fit_gaps(),
             generated=f"Generated {now} from commit {commit} (MLflow run {active_run.info.run_id[:8]} of the report).",
         )
     )
