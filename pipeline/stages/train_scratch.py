@@ -56,7 +56,14 @@ def train_scratch(
         run=run,
     )
     test_loss, test_accuracy = model.evaluate(*photos["test"], batch_size=64, verbose=0)
-    return Trained(model=model, fit=result, test_loss=float(test_loss), test_accuracy=float(test_accuracy))
+    return Trained(
+        model=model,
+        fit=result,
+        test_loss=float(test_loss),
+        test_accuracy=float(test_accuracy),
+        test_samples=len(photos["test"][0]),
+        validation_samples=len(photos["validation"][0]),
+    )
 
 
 def figures(model, photo: np.ndarray) -> dict:
