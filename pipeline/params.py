@@ -131,10 +131,18 @@ class GradcamParams(Section):
     layer: Annotated[str, Field(min_length=1)]  # conv layer of the fine-tuned model to explain
 
 
+class RegistryParams(Section):
+    """MLflow Model Registry: the registered model each scored model becomes a version of."""
+
+    names: dict[str, Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]]
+    significance: Annotated[float, Field(gt=0.0, lt=1.0)]  # champion moves only below this p-value
+
+
 class EvaluateParams(Section):
     batch_size: PositiveInt  # test samples per forward pass
     misclassified: Annotated[int, Field(ge=1, le=100)]  # misclassified examples drawn per model
     gradcam: GradcamParams
+    registry: RegistryParams
 
 
 def _odd(value: int) -> int:
@@ -163,6 +171,13 @@ class ReportParams(Section):
     patterns: PatternParams
 
 
+class PredictParams(Section):
+    """`pipeline predict`: not a stage, so no stage depends on it."""
+
+    batch_size: PositiveInt  # pictures per forward pass
+    digit_box: Annotated[int, Field(ge=4, le=28)]  # a digit's longer side, of MNIST's 28 pixels
+
+
 class Params(Section):
     seed: Annotated[int, Field(ge=0)]
     mlflow: MlflowParams
@@ -176,6 +191,7 @@ class Params(Section):
     finetune: FinetuneParams
     evaluate: EvaluateParams
     report: ReportParams
+    predict: PredictParams
 
 
 def _describe(error: Mapping[str, Any]) -> str:

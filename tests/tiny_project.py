@@ -29,7 +29,8 @@ def tiny_params() -> dict:
     params["mlflow"]["experiment"] = "tiny"
     params["images"]["size"] = IMAGE_SIZE
     params["baseline"].update(conv_filters=[4, 4], dense_units=8)
-    params["evaluate"] = {"batch_size": 4, "misclassified": 4, "gradcam": {"photos": 4, "layer": "block2_conv2"}}
+    params["evaluate"] = {"batch_size": 4, "misclassified": 4, "gradcam": {"photos": 4, "layer": "block2_conv2"},
+                          "registry": params["evaluate"]["registry"]}
     params["report"] = {
         "image_index": 1,
         "activation_channels": 2,
