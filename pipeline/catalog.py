@@ -31,6 +31,7 @@ EVALUATE_METRICS = Path("metrics/evaluate.json")
 EVALUATE_PLOTS = Path("plots/evaluate")
 # Inside evaluate's plots folder (so dvc.yaml's out covers them), not DVC metrics:
 EVALUATE_PER_CLASS = EVALUATE_PLOTS / "per_class.csv"  # model, class, precision, recall, f1, support
+EVALUATE_REGISTRY = EVALUATE_PLOTS / "registry.json"  # per model: its registered version and alias, and why
 REPORTS = Path("reports")
 
 

@@ -33,6 +33,7 @@ class Section(BaseModel):
 
 class MlflowParams(Section):
     experiment: Annotated[str, Field(min_length=1)]
+    system_metrics_seconds: Annotated[float, Field(gt=0.0, le=3600.0)]  # training runs' CPU/memory sampling
 
 
 class TrainParams(Section):
