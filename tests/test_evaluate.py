@@ -267,3 +267,107 @@ def test_a_gradcam_layer_that_is_not_a_conv_layer_is_a_user_error(evaluated, mon
     with pytest.raises(UserError, match="evaluate.gradcam.layer"):
         evaluate.run(bad)
     assert (evaluated / "metrics/evaluate.json").read_text() == before  # outputs untouched
+
+
+def test_the_first_evaluate_registers_every_model_and_says_so(evaluated):
+    """The first version of each name is its champion; the fine-tuned model, the second
+    version of cats-vs-dogs, is champion only if better with p < 0.05 against the first."""
+    import mlflow
+
+    from pipeline.files import sha256_arrays
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{evaluated / 'mlflow.db'}")
+    registry = json.loads((evaluated / "plots/evaluate/registry.json").read_text())
+    assert {key: (r["name"], r["version"], r["new"]) for key, r in registry.items()} == {
+        "baseline": ("mnist-convnet", "1", True),
+        "feature_extraction": ("cats-vs-dogs", "1", True),
+        "fine_tuning": ("cats-vs-dogs", "2", True),
+    }
+    assert registry["baseline"]["alias"] == registry["feature_extraction"]["alias"] == "champion"
+    fine = registry["fine_tuning"]
+    promoted = fine["only_new_right"] > fine["only_champion_right"] and fine["p_value"] < 0.05
+    assert fine["alias"] == ("champion" if promoted else "challenger") and fine["champion_before"] == "1"
+    paired = json.loads((evaluated / "metrics/evaluate.json").read_text())["fine_tuning_vs_feature_extraction"]
+    assert fine["p_value"] == paired["p_value"]  # the same test on the same samples
+    assert str(client.get_model_version_by_alias("cats-vs-dogs", fine["alias"]).version) == "2"
+
+    version = client.get_model_version("cats-vs-dogs", "1")
+    assert json.loads(version.tags["class_names"]) == ["cat", "dog"]
+    with np.load(evaluated / "data/prepared/images.npz") as data:
+        assert version.tags["test_data.sha256"] == sha256_arrays(data["x_test"], data["y_test"])
+    run = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
+                             "tags.`pipeline.stage` = 'evaluate'")[0]
+    assert version.tags["evaluate.run_id"] == run.info.run_id
+    assert run.data.tags["registry.fine_tuning"].startswith(f"fine_tuning: cats-vs-dogs version 2, {fine['alias']}")
+    inputs = {(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs}
+    assert inputs == {("mnist.test", mock_digest(evaluated / "data/prepared/mnist.npz")),
+                      ("images.test", version.tags["test_data.sha256"][:36])}
+    assert client.get_experiment_by_name("tiny").tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def mock_digest(path) -> str:
+    from pipeline.files import sha256_arrays
+
+    with np.load(path) as data:
+        return sha256_arrays(data["x_test"], data["y_test"])[:36]
+
+
+def test_a_worse_model_is_the_challenger_and_a_significantly_better_one_the_champion(workdir, monkeypatch):
+    """register_all in a store of its own: first -> champion; worse -> challenger, champion
+    unchanged; better but p >= significance -> challenger; better and p < significance ->
+    champion; the same model file again -> nothing new."""
+    import mlflow
+    import pandas as pd
+
+    from pipeline.params import RegistryParams
+    import keras
+
+    from pipeline.registry import Scored, register_all
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    mlflow.set_experiment("registry")
+    (workdir / "models").mkdir()
+    (workdir / "metrics").mkdir()
+    (workdir / "metrics/finetune.json").write_text(json.dumps({"mlflow_run_id": None}))  # no training run
+    params = RegistryParams(names={"fine_tuning": "cats"}, significance=0.05)
+    images = np.zeros((1, 2), np.float32)
+    half = np.array([1, 0] * 6, bool)  # 6 of 12 right
+
+    def evaluate(seed: int, correct: np.ndarray, save: bool = True):
+        keras.utils.set_random_seed(seed)
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, activation="sigmoid")])
+        if save:  # a saved model records when it was saved: each file is new
+            model.save(workdir / "models/finetuned.keras")
+        with mlflow.start_run() as run:
+            plots = workdir / "plots"
+            plots.mkdir(exist_ok=True)
+            pd.DataFrame({"sample": range(12), "fine_tuning": correct.astype(int)}).to_csv(
+                plots / "correct_images.csv", index=False)
+            mlflow.log_artifacts(str(plots), "plots")
+            scored = Scored("fine_tuning", model, correct, "a" * 64, ["cat", "dog"], float(correct.mean()), images)
+            return register_all({"fine_tuning": scored}, params, run.info.run_id)["fine_tuning"]
+
+    client = mlflow.MlflowClient()
+    first = evaluate(1, half)
+    assert (first.version, first.alias, first.new) == ("1", "champion", True)
+    worse = half.copy()
+    worse[0] = False  # one sample fewer right than the champion
+    second = evaluate(2, worse)
+    assert (second.version, second.alias) == ("2", "challenger") and "not better" in second.reason
+    assert (second.only_new_right, second.only_champion_right, second.p_value) == (0, 1, 1.0)
+    slightly = half.copy()
+    slightly[1] = True  # one more right: better, p = 1.0
+    third = evaluate(3, slightly)
+    assert (third.version, third.alias) == ("3", "challenger") and "not significantly" in third.reason
+    assert str(client.get_model_version_by_alias("cats", "champion").version) == "1"
+    everything = np.ones(12, bool)  # 6 more right, none fewer: p = 2 / 2**6 = 0.03125
+    fourth = evaluate(4, everything)
+    assert (fourth.version, fourth.alias, fourth.p_value) == ("4", "champion", 0.03125)
+    assert str(client.get_model_version_by_alias("cats", "champion").version) == "4"
+    assert str(client.get_model_version_by_alias("cats", "challenger").version) == "3"
+    again = evaluate(4, everything, save=False)  # the same model file (evaluate run again): no new version
+    assert (again.version, again.alias, again.new) == ("4", "champion", False)
+    assert len(client.search_model_versions("name = 'cats'")) == 4
+    source = client.get_model_version("cats", "1").source
+    assert source.startswith("models:/"), "a logged model (logged here: the training run logged none)"
