@@ -181,6 +181,9 @@ def test_report_stage_writes_markdown_html_and_figures(reported):
     assert not any("vgg_preprocess" in name for name in linked)  # preprocessing is not a filter
     assert "skipped cat/666.jpg: not an image" in markdown  # provenance from images_report.json
     assert "baseline.dropout: 0.5 -> 0.25" in markdown  # the earlier, better run differs in dropout
+    # what evaluate did in the model registry, in words
+    assert "Baseline convnet: version 1 of `mnist-convnet`, registered as `champion`: the first version" in markdown
+    assert "VGG16 fine-tuned: version 2 of `cats-vs-dogs`, registered as `c" in markdown
 
 
 def test_report_results_table_matches_evaluate(reported):
