@@ -17,6 +17,7 @@ import socket
 import sqlite3
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,13 +283,17 @@ def log_datasets(path: Path, splits: Mapping[str, tuple[Any, Any]], contexts: Ma
     hashes = {}
     for split, (images, labels) in splits.items():
         sha256 = sha256_arrays(images, labels)
-        dataset = from_numpy(
-            images,
-            targets=labels,
-            source=str(path.resolve()),
-            name=f"{path.stem}.{split}",
-            digest=sha256[:DATASET_DIGEST_LENGTH],
-        )
+        with warnings.catch_warnings():
+            # A local path is a "LocalArtifactDatasetSource" under two registered names, and
+            # MLflow warns that it picked one of the two (the same class): nothing to act on.
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            dataset = from_numpy(
+                images,
+                targets=labels,
+                source=str(path.resolve()),
+                name=f"{path.stem}.{split}",
+                digest=sha256[:DATASET_DIGEST_LENGTH],
+            )
         mlflow.log_input(dataset, context=contexts[split], tags={"sha256": sha256})
         hashes[split] = sha256
     return hashes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -371,3 +372,91 @@ def test_a_worse_model_is_the_challenger_and_a_significantly_better_one_the_cham
     assert len(client.search_model_versions("name = 'cats'")) == 4
     source = client.get_model_version("cats", "1").source
     assert source.startswith("models:/"), "a logged model (logged here: the training run logged none)"
+
+
+def test_the_champion_is_served_by_mlflow_and_answers_a_real_photo(evaluated, tmp_path):
+    """`mlflow models serve -m models:/cats-vs-dogs@champion --env-manager local` on loopback
+    answers a JPEG's pixels posted to /invocations with an ordinary HTTP client: the champion's
+    probabilities, as Keras computes them from the model file it was registered from."""
+    import io
+    import signal
+    import subprocess
+
+    import keras
+    import requests
+    from PIL import Image
+
+    from conftest import BIN, command_env, free_port, wait_for
+    from pipeline.data.inputs import photo_input
+
+    registry = json.loads((evaluated / "plots/evaluate/registry.json").read_text())
+    champion = next(key for key in ("feature_extraction", "fine_tuning") if registry[key]["alias"] == "champion")
+    port = free_port()
+    log = (tmp_path / "serve.log").open("w+")
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "models", "serve", "-m", "models:/cats-vs-dogs@champion", "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=evaluated, env=command_env(f"sqlite:///{evaluated / 'mlflow.db'}"), stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+
+    def answers() -> bool:
+        try:
+            return requests.get(f"http://127.0.0.1:{port}/ping", timeout=1).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    try:
+        try:
+            wait_for(answers, "the model server to answer /ping", timeout=240, process=server, log=log)
+        except AssertionError as exc:
+            if any(reason in str(exc) for reason in ("Address already in use", "Permission denied")):
+                pytest.skip(f"the model server cannot start here: {str(exc)[-300:]}")
+            raise
+        rng = np.random.default_rng(3)
+        pixels = rng.integers(0, 90, (48, 64, 3), dtype=np.uint8)
+        pixels[..., 2] += 150  # a bluish 'dog', as in write_photo_zip
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+        photo = photo_input(buffer.getvalue(), ".jpg", 32, 32)[np.newaxis]
+        response = requests.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": photo.tolist()}, timeout=60)
+        assert response.status_code == 200, response.text
+        served = np.asarray(response.json()["predictions"], dtype=np.float32)
+        import pipeline.models.vgg  # noqa: F401
+
+        expected = keras.models.load_model(evaluated / catalog_model(champion)).predict(photo, verbose=0)
+        assert served.shape == expected.shape == (1, 1)
+        assert_float32_close(served, expected)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+        log.close()
+
+
+def catalog_model(key: str):
+    from pipeline.catalog import MODELS
+
+    return MODELS[key].model
+
+
+def test_predict_with_a_registered_model_and_unknown_names_or_aliases(evaluated, monkeypatch, tmp_path):
+    """`pipeline predict --model models:/cats-vs-dogs@champion`: the registered version, with
+    the class names it was scored with; an unknown name or alias is one line listing what is."""
+    from PIL import Image
+
+    from pipeline.errors import UserError
+    from pipeline.params import PredictParams
+    from pipeline.predict import predict
+
+    monkeypatch.chdir(evaluated)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{evaluated / 'mlflow.db'}")
+    with np.load(evaluated / "data/prepared/images.npz") as data:
+        Image.fromarray(data["x_test"][0]).save(tmp_path / "photo.png")
+    p = PredictParams(batch_size=4, digit_box=20)
+    out, _ = predict([tmp_path / "photo.png"], "models:/cats-vs-dogs@champion", "json", p)
+    (record,) = json.loads(out)
+    assert record["class"] in ("cat", "dog") and record["error"] is None
+    for reference in ("models:/cats-vs-dogs@best", "models:/no-such-model@champion", "models:/cats-vs-dogs/9"):
+        with pytest.raises(UserError, match="not in the model registry") as caught:
+            predict([tmp_path / "photo.png"], reference, "table", p)
+        message = str(caught.value)
+        assert "registered: cats-vs-dogs (" in message and "champion -> 1" in message and "\n" not in message
