@@ -133,3 +133,12 @@ def test_a_stage_run_logs_and_hashes_what_dvc_yaml_says_it_depends_on(name, tmp_
     assert set(tracking.flatten(depends_on)) <= logged
     extra = {key.split(".")[0] + "." + key.split(".")[1] for key in logged - set(tracking.flatten(depends_on))}
     assert extra <= set(catalog.STAGES[name].provenance), "only provenance besides the deps"
+
+
+def test_dvc_yaml_declares_every_trained_model_as_a_model_artifact():
+    """As DVC itself reads them (its model registry's listing)."""
+    from dvc.repo import Repo
+
+    artifacts = Repo(str(REPO)).artifacts.read()["dvc.yaml"]
+    assert sorted(Path(a.path) for a in artifacts.values()) == sorted(m.model for m in catalog.MODELS.values())
+    assert {a.type for a in artifacts.values()} == {"model"}
