@@ -460,3 +460,14 @@ def test_predict_with_a_registered_model_and_unknown_names_or_aliases(evaluated,
             predict([tmp_path / "photo.png"], reference, "table", p)
         message = str(caught.value)
         assert "registered: cats-vs-dogs (" in message and "champion -> 1" in message and "\n" not in message
+
+
+def test_registry_names_must_name_every_scored_model():
+    from pipeline.errors import UserError
+    from pipeline.params import RegistryParams
+    from pipeline.registry import check_names
+
+    with pytest.raises(UserError, match="evaluate.registry.names: needs a name for each of baseline, .*missing"):
+        check_names(RegistryParams(names={"baseline": "mnist-convnet"}, significance=0.05))
+    check_names(RegistryParams(names={key: "m" for key in ("baseline", "feature_extraction", "fine_tuning")},
+                               significance=0.05))
