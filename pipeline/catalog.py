@@ -33,6 +33,7 @@ EVALUATE_PLOTS = Path("plots/evaluate")
 EVALUATE_PER_CLASS = EVALUATE_PLOTS / "per_class.csv"  # model, class, precision, recall, f1, support
 # model, direction, pixels, correct, samples, accuracy, ci95_low, ci95_high: the MNIST models on shifted digits
 EVALUATE_TRANSLATION = EVALUATE_PLOTS / "translation.csv"
+EVALUATE_REGISTRY = EVALUATE_PLOTS / "registry.json"  # per model: its registered version and alias, and why
 REPORTS = Path("reports")
 # train_block_heads: a small head on each VGG16 block's pooled output (features.pooled_blocks)
 BLOCK_HEADS_METRICS = Path("metrics/block_heads.json")

@@ -1,4 +1,4 @@
-"""The `pipeline` command: one sub-command per DVC stage, plus `compare` and `study`.
+"""The `pipeline` command: one sub-command per DVC stage, plus `compare`, `study` and `predict`.
 
 This module only parses and dispatches; each stage lives in pipeline/stages/. Errors a user
 can fix (bad params, a corrupt download, a missing upstream output) end in one line on
@@ -122,6 +122,42 @@ def study(
     from pipeline.studies import run_study
 
     run_study(name, params, jobs, report)
+
+
+class PredictFormat(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+@app.command("predict")
+def predict_files(
+    paths: Annotated[list[Path], typer.Argument(
+        metavar="PATH...", help="Picture files (JPEG, PNG, ...; any size, grey, RGB or CMYK) or folders of them.")],
+    model: Annotated[Optional[str], typer.Option(
+        "--model", metavar="MODEL",
+        help="models:/NAME@ALIAS, models:/NAME/VERSION (the project's MLflow registry) or a .keras file "
+             "(default: models:/<evaluate.registry.names.fine_tuning>@champion).")] = None,
+    output_format: Annotated[PredictFormat, typer.Option(
+        "--format", "-f", help="Output format.")] = PredictFormat.table,
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Classify picture files with a trained model: one line per file (class, probability).
+
+    Files that do not decode are listed and skipped. A digit model (models/baseline.keras,
+    models:/mnist-convnet@champion) reads each file as an MNIST digit: grey, inverted when
+    the background is light, centred and scaled.
+
+    Example: pipeline predict photos/ --model models:/cats-vs-dogs@champion --format csv
+    """
+    from pipeline.params import load_params
+    from pipeline.predict import predict
+
+    settings = load_params(params)
+    reference = model or f"models:/{settings.evaluate.registry.names['fine_tuning']}@champion"
+    out, err = predict(paths, reference, output_format.value, settings.predict)
+    typer.echo(out, nl=False)
+    typer.echo(err, nl=False, err=True)
 
 
 # fmt: on

@@ -119,3 +119,16 @@ def sha256_tree(paths: list[Path]) -> str:
             digest.update(str(file.relative_to(root.parent)).encode() + b"\0")
             digest.update(bytes.fromhex(sha256_file(file)))
     return digest.hexdigest()
+
+
+def sha256_arrays(*arrays: Any) -> str:
+    """sha256 of arrays' dtypes, shapes and bytes: the same arrays, the same hash, whichever
+    file (or compression) holds them."""
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.data)
+    return digest.hexdigest()

@@ -35,6 +35,7 @@ class Section(BaseModel):
 
 class MlflowParams(Section):
     experiment: Annotated[str, Field(min_length=1)]
+    system_metrics_seconds: Annotated[float, Field(gt=0.0, le=3600.0)]  # training runs' CPU/memory sampling
 
 
 class TrainParams(Section):
@@ -213,11 +214,19 @@ class TranslationParams(Section):
     samples: Annotated[int, Field(ge=0)]  # the first test digits shifted (0 = all of them)
 
 
+class RegistryParams(Section):
+    """MLflow Model Registry: the registered model each scored model becomes a version of."""
+
+    names: dict[str, Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]]
+    significance: Annotated[float, Field(gt=0.0, lt=1.0)]  # champion moves only below this p-value
+
+
 class EvaluateParams(Section):
     batch_size: PositiveInt  # test samples per forward pass
     misclassified: Annotated[int, Field(ge=1, le=100)]  # misclassified examples drawn per model
     gradcam: GradcamParams
     translation: TranslationParams
+    registry: RegistryParams
 
 
 def _odd(value: int) -> int:
@@ -246,6 +255,13 @@ class ReportParams(Section):
     patterns: PatternParams
 
 
+class PredictParams(Section):
+    """`pipeline predict`: not a stage, so no stage depends on it."""
+
+    batch_size: PositiveInt  # pictures per forward pass
+    digit_box: Annotated[int, Field(ge=4, le=28)]  # a digit's longer side, of MNIST's 28 pixels
+
+
 class Params(Section):
     seed: Annotated[int, Field(ge=0)]
     mlflow: MlflowParams
@@ -262,6 +278,7 @@ class Params(Section):
     scratch: ScratchParams
     evaluate: EvaluateParams
     report: ReportParams
+    predict: PredictParams
 
 
 def _describe(error: Mapping[str, Any]) -> str:

@@ -17,6 +17,7 @@ import socket
 import sqlite3
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,16 @@ from pipeline.files import sha256_tree
 if TYPE_CHECKING:
     from pipeline.catalog import Stage
     from pipeline.params import Params
+
+
+# MLflow's UI opens an experiment in the view its kind names; without the tag it guesses the
+# GenAI view (traces, token usage), and our runs are a click away. Ours trains models.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND: MODEL_TRAINING}
+# The longest dataset digest MLflow stores (its column is 36 characters): our sha256 is cut
+# to it, and kept whole in the input's tag `sha256`.
+DATASET_DIGEST_LENGTH = 36
 
 
 def project_root() -> Path:
@@ -67,10 +78,13 @@ def use_experiment(name: str) -> None:
     with store_lock(database):
         if database is not None:
             use_wal(database)
-        if mlflow.get_experiment_by_name(name) is None:
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
             # The embedded store's artifacts live beside it, whatever the working directory.
             location = (project_root() / "mlartifacts").as_uri() if embedded else None
-            mlflow.create_experiment(name, artifact_location=location)
+            mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
+        elif EXPERIMENT_KIND not in experiment.tags:  # made before the tag was set; a user's own choice stays
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
     mlflow.set_experiment(name)
 
 
@@ -199,6 +213,7 @@ def stage_run(
     inputs: list[Path],
     experiment: str,
     provenance: Mapping[str, Any] | None = None,
+    system_metrics_seconds: float | None = None,
 ) -> Iterator[StageRun]:
     """An MLflow run for one stage: params logged, tags set, and an honest end status.
 
@@ -207,14 +222,17 @@ def stage_run(
     success, KILLED on Ctrl-C or SIGTERM, FAILED on any other exception. A second signal
     while the run starts or ends waits until it has (else the run would stay RUNNING). Runs
     on this host whose process died without ending them (SIGKILL, out of memory) are ended
-    KILLED when the next stage starts.
+    KILLED when the next stage starts. With `system_metrics_seconds`, MLflow's own monitor
+    logs CPU, memory, disk and network use (`system/...` metrics) every so many seconds.
     """
     use_experiment(experiment)
     end_orphaned_runs(experiment)
     tags = run_tags(stage, params, inputs)
     try:
         with signals_deferred():  # a signal held here is raised inside the try, so the run ends
-            run = mlflow.start_run(run_name=stage, tags=tags)
+            if system_metrics_seconds:
+                mlflow.set_system_metrics_sampling_interval(system_metrics_seconds)
+            run = mlflow.start_run(run_name=stage, tags=tags, log_system_metrics=bool(system_metrics_seconds))
         mlflow.log_params({**flatten(params), **flatten(provenance or {})})
         yield StageRun(stage, tags["params.sha256"], tags["data.sha256"], run)
         raise_if_signalled()  # a signal whose exception was swallowed on the way ends it KILLED
@@ -234,14 +252,51 @@ def stage_run(
 
 def tracked(stage: Stage, params: Params) -> contextlib.AbstractContextManager[StageRun]:
     """`stage_run` for a stage of the catalog: it logs and hashes the params and the inputs
-    that dvc.yaml lists for it (tests/test_catalog.py holds the two together)."""
+    that dvc.yaml lists for it (tests/test_catalog.py holds the two together). Training
+    stages log system metrics (`mlflow.system_metrics_seconds`), so cost sits beside accuracy."""
+    from pipeline.catalog import MODELS
+
+    training = any(model.stage == stage.name for model in MODELS.values())
     return stage_run(
         stage.name,
         stage.params_of(params),
         list(stage.data_deps),
         params.mlflow.experiment,
         stage.provenance_of(params),
+        params.mlflow.system_metrics_seconds if training else None,
     )
+
+
+def log_datasets(path: Path, splits: Mapping[str, tuple[Any, Any]], contexts: Mapping[str, str]) -> dict[str, str]:
+    """Log each split of the prepared data file `path` as an input of the active run.
+
+    `splits` maps a split name to its (images, labels), `contexts` a split to MLflow's
+    context ("training", "validation", "test", "evaluation"). Each dataset is named
+    `<file stem>.<split>` (e.g. `images.test`), its source is the file, its digest our sha256
+    of the arrays (cut to MLflow's 36 characters; whole in the input's tag `sha256`), so the
+    UI's dataset column says what trained and tested what. Returns {split: sha256}.
+    """
+    from mlflow.data.numpy_dataset import from_numpy
+
+    from pipeline.files import sha256_arrays
+
+    hashes = {}
+    for split, (images, labels) in splits.items():
+        sha256 = sha256_arrays(images, labels)
+        with warnings.catch_warnings():
+            # A local path is a "LocalArtifactDatasetSource" under two registered names, and
+            # MLflow warns that it picked one of the two (the same class): nothing to act on.
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            dataset = from_numpy(
+                images,
+                targets=labels,
+                source=str(path.resolve()),
+                name=f"{path.stem}.{split}",
+                digest=sha256[:DATASET_DIGEST_LENGTH],
+            )
+        mlflow.log_input(dataset, context=contexts[split], tags={"sha256": sha256})
+        hashes[split] = sha256
+    return hashes
 
 
 def process_seconds() -> float:
@@ -277,3 +332,45 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def log_model(model: Any, example: Any, name: str = "model") -> str:
+    """The model as an MLflow model (Keras flavour) with its signature, an input example and
+    pinned requirements.
+
+    `example` is a few input rows, from which MLflow records the input and output schema;
+    the first is kept as the input example (what the MLflow UI shows, and what
+    `mlflow models serve` is checked with). Passing the requirements skips MLflow's
+    inference, which re-imports the model in a subprocess and costs tens of seconds on a
+    small CPU. Returns the logged model's URI (models:/<id>).
+    """
+    import keras
+    import tensorflow as tf
+    from mlflow.models import infer_signature
+
+    requirements = [f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}"]
+    signature = infer_signature(example, model.predict(example, verbose=0))
+    info = mlflow.models.Model.log(
+        artifact_path=None,
+        name=name,
+        flavor=_KerasFlavor,
+        model=model,
+        pip_requirements=requirements,
+        signature=signature,
+        input_example=example[:1],
+    )
+    return info.model_uri
+
+
+class _KerasFlavor:
+    """mlflow.keras for `Model.log`, with the model's folder made first: MLflow 3.17's Keras
+    flavour writes the input example into the folder before it creates it
+    (FileNotFoundError: .../model/input_example.json), so `mlflow.keras.log_model` fails
+    whenever an input example is given. The saved model is mlflow.keras' own."""
+
+    __name__ = "mlflow.keras"
+
+    @staticmethod
+    def save_model(path: str, **kwargs: Any) -> None:
+        os.makedirs(path, exist_ok=True)
+        mlflow.keras.save_model(path=path, **kwargs)

@@ -76,7 +76,7 @@ def test_the_cli_has_one_command_per_stage():
 
     commands = set(get_command(app).commands)
     assert {stage.subcommand for stage in catalog.STAGES.values()} <= commands
-    assert commands - {stage.subcommand for stage in catalog.STAGES.values()} == {"compare", "study"}
+    assert commands - {stage.subcommand for stage in catalog.STAGES.values()} == {"compare", "study", "predict"}
 
 
 def make_inputs(root: Path, paths: list[Path]) -> None:
@@ -133,3 +133,10 @@ def test_a_stage_run_logs_and_hashes_what_dvc_yaml_says_it_depends_on(name, tmp_
     assert set(tracking.flatten(depends_on)) <= logged
     extra = {key.split(".")[0] + "." + key.split(".")[1] for key in logged - set(tracking.flatten(depends_on))}
     assert extra <= set(catalog.STAGES[name].provenance), "only provenance besides the deps"
+
+
+def test_dvc_yaml_declares_every_trained_model_as_a_model_artifact():
+    """dvc.yaml's `artifacts:` (DVC's model registry reads them: `Repo().artifacts.read()`)."""
+    artifacts = DVC["artifacts"]
+    assert sorted(Path(a["path"]) for a in artifacts.values()) == sorted(m.model for m in catalog.MODELS.values())
+    assert {a["type"] for a in artifacts.values()} == {"model"}

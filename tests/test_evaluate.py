@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -331,5 +332,210 @@ def test_an_evaluate_run_logs_its_test_data_hash_so_compare_can_pair_it(evaluate
     assert {key for key in run.data.tags if key.startswith("test_data.")} == {
         "test_data.mnist.sha256", "test_data.images.sha256"}
     lines = compare_paired("tiny", run.info.run_id, run.info.run_id[:8]).splitlines()
-    assert [line.split(" on the ")[0] for line in lines] == ["feature_extraction", "fine_tuning", "baseline", "dense"]
+    assert [line.split(" on the ")[0] for line in lines] == ["feature_extraction", "fine_tuning", "scratch", "baseline", "dense"]
     assert all(line.endswith("exact McNemar p = 1") for line in lines)  # a run against itself
+
+
+def test_the_first_evaluate_registers_every_model_and_says_so(evaluated):
+    """The first version of each name is its champion; the fine-tuned model, the second
+    version of cats-vs-dogs, is champion only if better with p < 0.05 against the first."""
+    import mlflow
+
+    from pipeline.files import sha256_arrays
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{evaluated / 'mlflow.db'}")
+    registry = json.loads((evaluated / "plots/evaluate/registry.json").read_text())
+    assert {key: (r["name"], r["version"], r["new"]) for key, r in registry.items()} == {
+        "baseline": ("mnist-convnet", "1", True),
+        "dense": ("mnist-dense", "1", True),
+        "scratch": ("cats-vs-dogs-scratch", "1", True),
+        "feature_extraction": ("cats-vs-dogs", "1", True),
+        "fine_tuning": ("cats-vs-dogs", "2", True),
+    }
+    assert registry["baseline"]["alias"] == registry["feature_extraction"]["alias"] == "champion"
+    fine = registry["fine_tuning"]
+    promoted = fine["only_new_right"] > fine["only_champion_right"] and fine["p_value"] < 0.05
+    assert fine["alias"] == ("champion" if promoted else "challenger") and fine["champion_before"] == "1"
+    paired = json.loads((evaluated / "metrics/evaluate.json").read_text())["fine_tuning_vs_feature_extraction"]
+    assert fine["p_value"] == paired["p_value"]  # the same test on the same samples
+    assert str(client.get_model_version_by_alias("cats-vs-dogs", fine["alias"]).version) == "2"
+
+    version = client.get_model_version("cats-vs-dogs", "1")
+    assert json.loads(version.tags["class_names"]) == ["cat", "dog"]
+    with np.load(evaluated / "data/prepared/images.npz") as data:
+        assert version.tags["test_data.sha256"] == sha256_arrays(data["x_test"], data["y_test"])
+    run = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],  # not a failed one of a test
+                             "tags.`pipeline.stage` = 'evaluate' and attributes.status = 'FINISHED'")[0]
+    assert version.tags["evaluate.run_id"] == run.info.run_id
+    assert run.data.tags["registry.fine_tuning"].startswith(f"fine_tuning: cats-vs-dogs version 2, {fine['alias']}")
+    inputs = {(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs}
+    assert inputs == {("mnist.test", mock_digest(evaluated / "data/prepared/mnist.npz")),
+                      ("images.test", version.tags["test_data.sha256"][:36])}
+    assert client.get_experiment_by_name("tiny").tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def mock_digest(path) -> str:
+    from pipeline.files import sha256_arrays
+
+    with np.load(path) as data:
+        return sha256_arrays(data["x_test"], data["y_test"])[:36]
+
+
+def test_a_worse_model_is_the_challenger_and_a_significantly_better_one_the_champion(workdir, monkeypatch):
+    """register_all in a store of its own: first -> champion; worse -> challenger, champion
+    unchanged; better but p >= significance -> challenger; better and p < significance ->
+    champion; the same model file again -> nothing new."""
+    import mlflow
+    import pandas as pd
+
+    from pipeline.params import RegistryParams
+    import keras
+
+    from pipeline.registry import Scored, register_all
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    mlflow.set_experiment("registry")
+    (workdir / "models").mkdir()
+    (workdir / "metrics").mkdir()
+    (workdir / "metrics/finetune.json").write_text(json.dumps({"mlflow_run_id": None}))  # no training run
+    params = RegistryParams(names={"fine_tuning": "cats"}, significance=0.05)
+    images = np.zeros((1, 2), np.float32)
+    half = np.array([1, 0] * 6, bool)  # 6 of 12 right
+
+    def evaluate(seed: int, correct: np.ndarray, save: bool = True):
+        keras.utils.set_random_seed(seed)
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, activation="sigmoid")])
+        if save:  # a saved model records when it was saved: each file is new
+            model.save(workdir / "models/finetuned.keras")
+        with mlflow.start_run() as run:
+            plots = workdir / "plots"
+            plots.mkdir(exist_ok=True)
+            pd.DataFrame({"sample": range(12), "fine_tuning": correct.astype(int)}).to_csv(
+                plots / "correct_images.csv", index=False)
+            mlflow.log_artifacts(str(plots), "plots")
+            scored = Scored("fine_tuning", model, correct, "a" * 64, ["cat", "dog"], float(correct.mean()), images)
+            return register_all({"fine_tuning": scored}, params, run.info.run_id)["fine_tuning"]
+
+    client = mlflow.MlflowClient()
+    first = evaluate(1, half)
+    assert (first.version, first.alias, first.new) == ("1", "champion", True)
+    worse = half.copy()
+    worse[0] = False  # one sample fewer right than the champion
+    second = evaluate(2, worse)
+    assert (second.version, second.alias) == ("2", "challenger") and "not better" in second.reason
+    assert (second.only_new_right, second.only_champion_right, second.p_value) == (0, 1, 1.0)
+    slightly = half.copy()
+    slightly[1] = True  # one more right: better, p = 1.0
+    third = evaluate(3, slightly)
+    assert (third.version, third.alias) == ("3", "challenger") and "not significantly" in third.reason
+    assert str(client.get_model_version_by_alias("cats", "champion").version) == "1"
+    everything = np.ones(12, bool)  # 6 more right, none fewer: p = 2 / 2**6 = 0.03125
+    fourth = evaluate(4, everything)
+    assert (fourth.version, fourth.alias, fourth.p_value) == ("4", "champion", 0.03125)
+    assert str(client.get_model_version_by_alias("cats", "champion").version) == "4"
+    assert str(client.get_model_version_by_alias("cats", "challenger").version) == "3"
+    again = evaluate(4, everything, save=False)  # the same model file (evaluate run again): no new version
+    assert (again.version, again.alias, again.new) == ("4", "champion", False)
+    assert len(client.search_model_versions("name = 'cats'")) == 4
+    source = client.get_model_version("cats", "1").source
+    assert source.startswith("models:/"), "a logged model (logged here: the training run logged none)"
+
+
+def test_the_champion_is_served_by_mlflow_and_answers_a_real_photo(evaluated, tmp_path):
+    """`mlflow models serve -m models:/cats-vs-dogs@champion --env-manager local` on loopback
+    answers a JPEG's pixels posted to /invocations with an ordinary HTTP client: the champion's
+    probabilities, as Keras computes them from the model file it was registered from."""
+    import io
+    import signal
+    import subprocess
+
+    import keras
+    import requests
+    from PIL import Image
+
+    from conftest import BIN, command_env, free_port, wait_for
+    from pipeline.data.inputs import photo_input
+
+    registry = json.loads((evaluated / "plots/evaluate/registry.json").read_text())
+    champion = next(key for key in ("feature_extraction", "fine_tuning") if registry[key]["alias"] == "champion")
+    port = free_port()
+    log = (tmp_path / "serve.log").open("w+")
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "models", "serve", "-m", "models:/cats-vs-dogs@champion", "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=evaluated, env=command_env(f"sqlite:///{evaluated / 'mlflow.db'}"), stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+
+    def answers() -> bool:
+        try:
+            return requests.get(f"http://127.0.0.1:{port}/ping", timeout=1).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    try:
+        try:
+            wait_for(answers, "the model server to answer /ping", timeout=240, process=server, log=log)
+        except AssertionError as exc:
+            if any(reason in str(exc) for reason in ("Address already in use", "Permission denied")):
+                pytest.skip(f"the model server cannot start here: {str(exc)[-300:]}")
+            raise
+        rng = np.random.default_rng(3)
+        pixels = rng.integers(0, 90, (48, 64, 3), dtype=np.uint8)
+        pixels[..., 2] += 150  # a bluish 'dog', as in write_photo_zip
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+        photo = photo_input(buffer.getvalue(), ".jpg", 32, 32)[np.newaxis]
+        response = requests.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": photo.tolist()}, timeout=60)
+        assert response.status_code == 200, response.text
+        served = np.asarray(response.json()["predictions"], dtype=np.float32)
+        import pipeline.models.vgg  # noqa: F401
+
+        expected = keras.models.load_model(evaluated / catalog_model(champion)).predict(photo, verbose=0)
+        assert served.shape == expected.shape == (1, 1)
+        assert_float32_close(served, expected)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+        log.close()
+
+
+def catalog_model(key: str):
+    from pipeline.catalog import MODELS
+
+    return MODELS[key].model
+
+
+def test_predict_with_a_registered_model_and_unknown_names_or_aliases(evaluated, monkeypatch, tmp_path):
+    """`pipeline predict --model models:/cats-vs-dogs@champion`: the registered version, with
+    the class names it was scored with; an unknown name or alias is one line listing what is."""
+    from PIL import Image
+
+    from pipeline.errors import UserError
+    from pipeline.params import PredictParams
+    from pipeline.predict import predict
+
+    monkeypatch.chdir(evaluated)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{evaluated / 'mlflow.db'}")
+    with np.load(evaluated / "data/prepared/images.npz") as data:
+        Image.fromarray(data["x_test"][0]).save(tmp_path / "photo.png")
+    p = PredictParams(batch_size=4, digit_box=20)
+    out, _ = predict([tmp_path / "photo.png"], "models:/cats-vs-dogs@champion", "json", p)
+    (record,) = json.loads(out)
+    assert record["class"] in ("cat", "dog") and record["error"] is None
+    for reference in ("models:/cats-vs-dogs@best", "models:/no-such-model@champion", "models:/cats-vs-dogs/9"):
+        with pytest.raises(UserError, match="not in the model registry") as caught:
+            predict([tmp_path / "photo.png"], reference, "table", p)
+        message = str(caught.value)
+        assert "registered: cats-vs-dogs (" in message and "champion -> 1" in message and "\n" not in message
+
+
+def test_registry_names_must_name_every_scored_model():
+    from pipeline.errors import UserError
+    from pipeline.params import RegistryParams
+    from pipeline.registry import check_names
+
+    with pytest.raises(UserError, match="evaluate.registry.names: needs a name for each of baseline, .*missing"):
+        check_names(RegistryParams(names={"baseline": "mnist-convnet"}, significance=0.05))
+    check_names(RegistryParams(names={key: "m" for key in ("baseline", "feature_extraction", "fine_tuning")},
+                               significance=0.05))

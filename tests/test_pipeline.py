@@ -46,7 +46,7 @@ def tiny_params(url: str, files: dict, photos_sha256: str, weights_sha256: str) 
     params["evaluate"].update(misclassified=4, gradcam={"photos": 2, "layer": "block5_conv3"})
     params["report"].update(activation_channels=2)
     params["report"]["patterns"].update(filters_per_layer=2, steps=2, vgg_size=32)
-    params["mlflow"]["experiment"] = "tiny"
+    params["mlflow"].update(experiment="tiny", system_metrics_seconds=1)
     return params
 
 
@@ -177,11 +177,25 @@ def test_runs_are_tracked_in_the_embedded_store(project):
     assert {"plots", "model_summary.txt"} <= artifacts
     assert client.search_logged_models([experiment.experiment_id]), "the model is logged"
     assert (root / "mlartifacts").is_dir()
+    # what trained it, and what it cost: MLflow's datasets and system metrics
+    inputs = {d.dataset.name: (d.dataset.digest, {t.key: t.value for t in d.tags}) for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"mnist.train", "mnist.validation", "mnist.test"}
+    for digest, tags in inputs.values():
+        assert len(tags["sha256"]) == 64 and tags["sha256"][:36] == digest
+    assert any(name.startswith("system/cpu") for name in run.data.metrics), sorted(run.data.metrics)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # evaluate registered the models it scored, from the models their training runs logged
+    champion = client.get_model_version_by_alias("mnist-convnet", "champion")
+    assert champion.source.startswith("models:/")
+    logged = client.get_logged_model(champion.source.removeprefix("models:/"))
+    assert logged.source_run_id == json.loads((root / "metrics/baseline.json").read_text())["mlflow_run_id"]
+    assert client.get_model_version_by_alias("cats-vs-dogs", "champion").tags["pipeline.model"] in (
+        "feature_extraction", "fine_tuning")
 
 
 # Commands of the README that cannot run in a test, each marked there with its reason.
 README_SKIPS = {"make test", "mlflow ui", "block: needs a PostgreSQL server", "block: a team's shared storage",
-                "block: several machines"}
+                "block: several machines", "pipeline predict my_digit.jpg", "block: a model server"}
 
 
 def test_the_readme_commands_work_as_written(project):

@@ -184,6 +184,9 @@ def test_report_stage_writes_markdown_html_and_figures(reported):
     assert not any("vgg_preprocess" in name for name in linked)  # preprocessing is not a filter
     assert "skipped cat/666.jpg: not an image" in markdown  # provenance from images_report.json
     assert "baseline.dropout: 0.5 -> 0.25" in markdown  # the earlier, better run differs in dropout
+    # what evaluate did in the model registry, in words
+    assert "Baseline convnet: version 1 of `mnist-convnet`, registered as `champion`: the first version" in markdown
+    assert "VGG16 fine-tuned: version 2 of `cats-vs-dogs`, registered as `c" in markdown
 
 
 def test_report_results_table_matches_evaluate(reported):
@@ -268,7 +271,7 @@ def test_report_html_renders_in_headless_chromium(reported):
     seen = json.loads(html.unescape(found.group(1)))
     assert seen["images"] == page.count("<img ") > 10
     assert all(width > 0 for width in seen["widths"]), f"pictures that did not decode: {seen['widths']}"
-    assert seen["results_rows"] == 4
+    assert seen["results_rows"] == 5
     assert "test accuracy" in seen["results_headers"]
 
 

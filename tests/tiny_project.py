@@ -31,7 +31,7 @@ def tiny_params() -> dict:
     params["baseline"].update(conv_filters=[4, 4], dense_units=8)
     params["dense"].update(units=[8])
     params["evaluate"] = {"batch_size": 4, "misclassified": 4, "gradcam": {"photos": 4, "layer": "block2_conv2"},
-                          "translation": {"max_shift": 2, "samples": 0}}
+                          "translation": {"max_shift": 2, "samples": 0}, "registry": params["evaluate"]["registry"]}
     params["report"] = {
         "image_index": 1,
         "activation_channels": 2,

@@ -81,6 +81,7 @@ class ReportInputs:
     blocks: dict[str, dict] = field(default_factory=dict)
     # {model: (training accuracy, validation accuracy) at the epoch it kept}, from its history
     fit_gap: dict[str, tuple[float, float]] = field(default_factory=dict)
+    registry: dict = field(default_factory=dict)  # plots/evaluate/registry.json: {model: what the registry did}
 
 
 # The level at which a paired test calls a difference measurable: that of the 95% intervals.
@@ -227,7 +228,26 @@ def transfer_sentence(models: Sequence[ModelResult], paired: dict[str, dict]) ->
     )
 
 
-def results_section(models: Sequence[ModelResult], paired: dict[str, dict]) -> Section:
+def registry_sentences(models: Sequence[ModelResult], registry: dict[str, dict]) -> list[str]:
+    """What evaluate did in MLflow's Model Registry with each model, one sentence each."""
+    titles = {model.name: model.title for model in models}
+    sentences = []
+    for key, outcome in registry.items():
+        where = f"{titles.get(key, key)}: version {outcome['version']} of `{outcome['name']}`"
+        if not outcome["new"]:
+            sentences.append(f"{where}, registered before ({outcome['reason']}).")
+            continue
+        said = f"{where}, registered as `{outcome['alias']}`: {outcome['reason']}"
+        if outcome.get("p_value") is not None:
+            said += (
+                f" (McNemar p = {format_p(outcome['p_value'])}; {outcome['only_new_right']} test samples only it "
+                f"got right, {outcome['only_champion_right']} only the champion did)"
+            )
+        sentences.append(said + ".")
+    return sentences
+
+
+def results_section(models: Sequence[ModelResult], paired: dict[str, dict], registry: dict | None = None) -> Section:
     blocks: list[Block] = [
         Text(
             "Each model is scored once on its own held-out test split, which no training step "
@@ -240,6 +260,16 @@ def results_section(models: Sequence[ModelResult], paired: dict[str, dict]) -> S
     transfer = transfer_sentence(models, paired)
     if transfer:
         blocks.append(Text(transfer))
+    if registry:
+        blocks.append(
+            Text(
+                "In MLflow's Model Registry each model is a version of its name; the alias `champion` "
+                "moves to a new version only when it is better than the champion on the same test data "
+                "and the paired test says the difference is real, else the new version is `challenger` "
+                "(`pipeline predict --model models:/NAME@champion` uses it):"
+            )
+        )
+        blocks.append(Bullets(registry_sentences(models, registry)))
     blocks += [
         Text(
             "Per class: precision is how often the model was right when it named the class, "
@@ -745,7 +775,7 @@ def build_report(inputs: ReportInputs) -> Report:
             f"visualised by the pipeline. {inputs.generated}"
         ),
         sections=[
-            results_section(inputs.models, inputs.paired),
+            results_section(inputs.models, inputs.paired, inputs.registry),
             *([translation] if (translation := translation_section(inputs.translation)) else []),
             *([studies] if (studies := studies_section(inputs.studies)) else []),
             training_section(inputs.figures),

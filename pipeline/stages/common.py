@@ -275,21 +275,14 @@ def save_model(model, path: Path) -> None:
         model.save(temp)
 
 
-def log_model(model, example: np.ndarray, name: str = "model") -> None:
-    """The model as an MLflow model (Keras flavour) with its signature and pinned requirements.
+def log_training_data(data: Path) -> None:
+    """The train, validation and test splits of the prepared data file `data` as the inputs
+    of the active run (tracking.log_datasets): which data trained the model, in MLflow."""
+    from pipeline.tracking import log_datasets
 
-    `example` is a few input rows, from which MLflow records the input and output schema.
-    Passing the requirements skips MLflow's inference, which re-imports the model in a
-    subprocess and costs tens of seconds on a small CPU.
-    """
-    import keras
-    import mlflow
-    import tensorflow as tf
-    from mlflow.models import infer_signature
-
-    requirements = [f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}"]
-    signature = infer_signature(example, model.predict(example, verbose=0))
-    mlflow.keras.log_model(model, name=name, pip_requirements=requirements, signature=signature)
+    with np.load(data) as arrays:
+        splits = {split: (arrays[f"x_{split}"], arrays[f"y_{split}"]) for split in ("train", "validation", "test")}
+    log_datasets(data, splits, {"train": "training", "validation": "validation", "test": "test"})
 
 
 def model_summary(model) -> str:
@@ -330,6 +323,7 @@ def publish_training(run: StageRun, trained: Trained, *, figures: dict, example:
     from pipeline.catalog import model_of
     from pipeline.files import write_json
     from pipeline.resume import discard
+    from pipeline.tracking import log_model
     from pipeline.viz.curves import training_curves_figure
 
     paths, result, saved = model_of(run.stage), trained.fit, trained.to_save
@@ -355,6 +349,7 @@ def publish_training(run: StageRun, trained: Trained, *, figures: dict, example:
     mlflow.log_text(summary, "model_summary_saved.txt")
     mlflow.log_artifacts(str(paths.plots), artifact_path="plots")
     log_model(saved, example)
+    log_training_data(paths.test_data)
     discard(run.stage)  # the outputs are complete: nothing left to resume
     return metrics
 

@@ -10,7 +10,9 @@ confusion CSV (one `actual,predicted` row per test sample: a DVC confusion plot)
 confusion matrix and the misclassified examples as PNGs; per_class.csv (precision, recall,
 F1, support of every class of every model); per test set correct_<set>.csv (0/1 per sample
 and model, what the paired tests count); and Grad-CAM heat maps of the fine-tuned model over
-test photos. One MLflow run, like every stage.
+test photos; registry.json says what the model registry did with each model (a version of
+its registered name, champion or challenger: pipeline/registry.py). One MLflow run, like
+every stage, whose inputs are the test splits (with their sha256).
 """
 
 from __future__ import annotations
@@ -314,8 +316,45 @@ def all_figures(models: dict, evaluated: dict[str, Evaluated], p: EvaluateParams
     return figures
 
 
+def log_test_data() -> dict[Path, str]:
+    """Each test split as an input of the active run ("evaluation"); {test data: sha256}.
+    The hash is of the arrays as stored, as the training runs log it for their test split."""
+    from pipeline.tracking import log_datasets
+
+    hashes = {}
+    for data in dict.fromkeys(trained.test_data for trained in MODELS.values()):
+        with np.load(data) as arrays:
+            split = {"test": (arrays["x_test"], arrays["y_test"])}
+        hashes[data] = log_datasets(data, split, {"test": "evaluation"})["test"]
+    return hashes
+
+
+def register_models(models: dict, evaluated: dict[str, Evaluated], p: EvaluateParams, run_id: str) -> dict:
+    """Every scored model a version in MLflow's registry, the champion moved only when a new
+    one is measurably better (pipeline/registry.py); {model: Registered}."""
+    from pipeline.registry import Scored, register_all
+
+    hashes = log_test_data()
+    scored = {
+        name: Scored(
+            name,
+            models[name],
+            result.correct,
+            hashes[MODELS[name].test_data],
+            result.test.class_names,
+            float(result.scores["test_accuracy"]),
+            result.test.images[:1],
+        )
+        for name, result in evaluated.items()
+    }
+    return register_all(scored, p.registry, run_id)
+
+
 def run(params_file: Path) -> None:
     params = load_params(params_file)  # first: a bad param is reported before TensorFlow loads
+    from pipeline.registry import as_json, check_names, summary
+
+    check_names(params.evaluate.registry)
     import keras
     import mlflow
 
@@ -344,9 +383,12 @@ def run(params_file: Path) -> None:
         }
         results.update(paired_tests(evaluated))
         results["translation"] = translation_headline(translation, p.translation.max_shift)
+        registered = register_models(models, evaluated, p, run.info.run_id)
         with atomic_path(PLOTS, directory=True) as plots:
             write_plots(plots, evaluated, figures, translation)
+            write_json(plots / catalog.EVALUATE_REGISTRY.name, as_json(registered))
         write_json(METRICS, results)
+        mlflow.set_tags({f"registry.{name}": summary(outcome) for name, outcome in registered.items()})
         mlflow.log_metrics({**mlflow_metrics(results, evaluated), **timings})
         log_translation_curve(translation)
         mlflow.log_artifacts(str(PLOTS), artifact_path="plots")
@@ -367,3 +409,5 @@ def run(params_file: Path) -> None:
             f"{later} vs {earlier}: McNemar p = {paired['p_value']:.4g} "
             f"({paired[f'only_{later}_right']} vs {paired[f'only_{earlier}_right']} samples only one got right)"
         )
+    for outcome in registered.values():
+        print(f"registry: {summary(outcome)}")

@@ -25,6 +25,7 @@ from pipeline.catalog import (
     EVALUATE_METRICS,
     EVALUATE_PER_CLASS,
     EVALUATE_PLOTS,
+    EVALUATE_REGISTRY,
     EVALUATE_TRANSLATION,
     IMAGES,
     IMAGES_REPORT,
@@ -454,6 +455,7 @@ def make_report(params: Params, active_run: StageRun) -> tuple[Report, dict[str,
             blocks=blocks,
             fit_gap=fit_gaps(),
             generated=f"Generated {now} from commit {commit} (MLflow run {active_run.info.run_id[:8]} of the report).",
+            registry=json.loads(EVALUATE_REGISTRY.read_text()) if EVALUATE_REGISTRY.exists() else {},
         )
     )
     return report, seconds
