@@ -44,7 +44,7 @@ def test_the_dense_model_trains_scores_and_its_metrics_carry_an_interval_beside_
     mlflow.end_run()  # a run an earlier test may have left active in this process
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
     # Not the MLflow model (tens of seconds on a busy CPU; test_reliability's stage runs log it).
-    monkeypatch.setattr("pipeline.stages.common.log_model", lambda *args, **kwargs: None)
+    monkeypatch.setattr("pipeline.tracking.log_model", lambda *args, **kwargs: None)
     params = tiny_params()
     seed_everything(params.seed)
     arrays = tiny_digits()

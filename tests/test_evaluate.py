@@ -537,5 +537,6 @@ def test_registry_names_must_name_every_scored_model():
 
     with pytest.raises(UserError, match="evaluate.registry.names: needs a name for each of baseline, .*missing"):
         check_names(RegistryParams(names={"baseline": "mnist-convnet"}, significance=0.05))
-    check_names(RegistryParams(names={key: "m" for key in ("baseline", "feature_extraction", "fine_tuning")},
+    check_names(RegistryParams(names={key: "m" for key in ("baseline", "dense", "feature_extraction", "fine_tuning",
+                                                            "scratch")},
                                significance=0.05))
