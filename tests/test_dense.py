@@ -48,6 +48,8 @@ def test_the_dense_model_trains_scores_and_its_metrics_carry_an_interval_beside_
     params = tiny_params()
     seed_everything(params.seed)
     arrays = tiny_digits()
+    catalog.MNIST.parent.mkdir(parents=True)  # publish_training logs the prepared file as the run's datasets
+    np.savez(catalog.MNIST, **arrays)
     with tracked(catalog.STAGES["train_dense"], params) as run:
         trained = train_dense(arrays, params, run=run)
         assert [layer.name for layer in trained.model.layers] == ["flatten", "dense1", "dropout", "output"]
