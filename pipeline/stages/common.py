@@ -3,8 +3,10 @@ backups, and publishing their outputs (files and MLflow)."""
 
 from __future__ import annotations
 
+import math
 import sys
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -394,11 +396,29 @@ def mlflow_metrics(metrics: dict) -> dict[str, float]:
     return flat
 
 
-def train_classifier(
-    model, arrays: dict[str, np.ndarray], p: Any, params: Params, replicas: int, run: StageRun | None
+def train_digit_classifier(
+    build: Callable[[tuple[int, ...], int, Any], Any],
+    arrays: dict[str, np.ndarray],
+    p: Any,
+    params: Params,
+    distribution: Distribution | None,
+    run: StageRun | None,
 ) -> Trained:
-    """Fit the compiled MNIST `model` on `arrays` (x_/y_ train, validation, test) with the
-    section `p` (batch_size, epochs, early_stopping_patience) and test it."""
+    """Build an MNIST classifier with `build(image shape, classes, p)` in the distribution's
+    scope, compile it (the section `p`: optimizer, learning_rate, lr_schedule), fit it on
+    `arrays` (x_/y_ train, validation, test; batch_size, epochs, early_stopping_patience of
+    `p`) and test it. `distribution` as made by the caller before any TF op (else made here)."""
+    from pipeline.models.optimizer import make_optimizer
+
+    scope, replicas = distribution or distribution_scope(params.train)
+    steps = math.ceil(len(arrays["x_train"]) / (p.batch_size * replicas)) * p.epochs  # batch_size is per replica
+    with scope:
+        model = build(arrays["x_train"].shape[1:], arrays["y_train"].shape[1], p)
+        model.compile(
+            optimizer=make_optimizer(p.optimizer, p.learning_rate, p.lr_schedule, steps),
+            loss="categorical_crossentropy",
+            metrics=["accuracy"],
+        )
     result = fit(
         model,
         (arrays["x_train"], arrays["y_train"]),

@@ -6,7 +6,6 @@ layer summary, training curves, the first layer's kernels, activation maps of on
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,10 +16,9 @@ from pipeline.params import Params, load_params
 from pipeline.stages.common import (
     Distribution,
     Trained,
-    distribution_scope,
     publish_training,
     start_training,
-    train_classifier,
+    train_digit_classifier,
 )
 
 if TYPE_CHECKING:
@@ -42,19 +40,8 @@ def train_baseline(
     `run` the stage run, whose epoch backup makes the training resumable.
     """
     from pipeline.models.baseline import build_baseline
-    from pipeline.models.optimizer import make_optimizer
 
-    p = params.baseline
-    scope, replicas = distribution or distribution_scope(params.train)
-    steps = math.ceil(len(arrays["x_train"]) / (p.batch_size * replicas)) * p.epochs  # batch_size is per replica
-    with scope:
-        model = build_baseline(arrays["x_train"].shape[1:], arrays["y_train"].shape[1], p)
-        model.compile(
-            optimizer=make_optimizer(p.optimizer, p.learning_rate, p.lr_schedule, steps),
-            loss="categorical_crossentropy",
-            metrics=["accuracy"],
-        )
-    return train_classifier(model, arrays, p, params, replicas, run)
+    return train_digit_classifier(build_baseline, arrays, params.baseline, params, distribution, run)
 
 
 def figures(model, digit: np.ndarray) -> dict:

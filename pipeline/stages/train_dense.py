@@ -7,7 +7,6 @@ summary, training curves and the first Dense layer's weights drawn as 28x28 imag
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,10 +17,9 @@ from pipeline.params import Params, load_params
 from pipeline.stages.common import (
     Distribution,
     Trained,
-    distribution_scope,
     publish_training,
     start_training,
-    train_classifier,
+    train_digit_classifier,
 )
 
 if TYPE_CHECKING:
@@ -41,19 +39,8 @@ def train_dense(
     """Build, fit (logging each epoch to MLflow) and test the Dense-only model, as
     train_baseline does the convnet."""
     from pipeline.models.dense import build_dense
-    from pipeline.models.optimizer import make_optimizer
 
-    p = params.dense
-    scope, replicas = distribution or distribution_scope(params.train)
-    steps = math.ceil(len(arrays["x_train"]) / (p.batch_size * replicas)) * p.epochs  # batch_size is per replica
-    with scope:
-        model = build_dense(arrays["x_train"].shape[1:], arrays["y_train"].shape[1], p)
-        model.compile(
-            optimizer=make_optimizer(p.optimizer, p.learning_rate, p.lr_schedule, steps),
-            loss="categorical_crossentropy",
-            metrics=["accuracy"],
-        )
-    return train_classifier(model, arrays, p, params, replicas, run)
+    return train_digit_classifier(build_dense, arrays, params.dense, params, distribution, run)
 
 
 def figures(model, image_shape: tuple[int, ...]) -> dict:
