@@ -46,16 +46,9 @@ def train_baseline(
 
 def figures(model, digit: np.ndarray) -> dict:
     """The first conv layer's kernels and the activation maps of one test digit."""
-    from pipeline.models.graph import conv_and_pool_layer_names, conv_layer_names
-    from pipeline.viz.activations import activation_maps, activation_maps_figures
-    from pipeline.viz.kernels import kernel_grid
+    from pipeline.viz.activations import conv_figures
 
-    first_conv = model.get_layer(conv_layer_names(model)[0])
-    result = {"kernels.png": kernel_grid(first_conv.get_weights()[0], f"{first_conv.name}: learned kernels")}
-    maps = activation_maps(model, digit, conv_and_pool_layer_names(model))
-    for name, figure in activation_maps_figures(maps, max_channels=16).items():
-        result[f"activations_{name}.png"] = figure
-    return result
+    return conv_figures(model, digit, "learned kernels")
 
 
 def run(params_file: Path) -> None:

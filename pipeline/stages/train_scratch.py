@@ -68,18 +68,9 @@ def train_scratch(
 
 def figures(model, photo: np.ndarray) -> dict:
     """The first conv layer's RGB kernels and the activation maps of one test photo."""
-    from pipeline.models.graph import conv_and_pool_layer_names, conv_layer_names
-    from pipeline.viz.activations import activation_maps, activation_maps_figures
-    from pipeline.viz.kernels import kernel_grid
+    from pipeline.viz.activations import conv_figures
 
-    first_conv = model.get_layer(conv_layer_names(model)[0])
-    result = {
-        "kernels.png": kernel_grid(first_conv.get_weights()[0], f"{first_conv.name}: kernels learned from scratch")
-    }
-    maps = activation_maps(model, photo.astype(np.float32), conv_and_pool_layer_names(model))
-    for name, figure in activation_maps_figures(maps, max_channels=16).items():
-        result[f"activations_{name}.png"] = figure
-    return result
+    return conv_figures(model, photo.astype(np.float32), "kernels learned from scratch")
 
 
 def run(params_file: Path) -> None:

@@ -85,3 +85,17 @@ def layer_activation_figure(layer_name: str, activation: np.ndarray, max_channel
 def activation_maps_figures(maps: dict[str, np.ndarray], max_channels: int) -> dict[str, Figure]:
     """One figure per layer (`layer_activation_figure`), keyed and ordered like `maps`."""
     return {name: layer_activation_figure(name, activation, max_channels) for name, activation in maps.items()}
+
+
+def conv_figures(model: keras.Model, image: np.ndarray, kernels_title: str) -> dict[str, Figure]:
+    """A convnet's first conv kernels (kernels.png) and the activation maps of `image` at each
+    conv and pooling layer (activations_<layer>.png), as its training stage draws them."""
+    from pipeline.models.graph import conv_and_pool_layer_names, conv_layer_names
+    from pipeline.viz.kernels import kernel_grid
+
+    first_conv = model.get_layer(conv_layer_names(model)[0])
+    result = {"kernels.png": kernel_grid(first_conv.get_weights()[0], f"{first_conv.name}: {kernels_title}")}
+    maps = activation_maps(model, image, conv_and_pool_layer_names(model))
+    for name, figure in activation_maps_figures(maps, max_channels=16).items():
+        result[f"activations_{name}.png"] = figure
+    return result
