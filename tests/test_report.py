@@ -146,7 +146,8 @@ def test_model_sentence_gives_the_interval_and_the_weakest_class():
     assert "Its weakest class is cat (F1 0.847" in sentence
 
 
-@pytest.mark.parametrize("p_value, shown", [(1.0, "1.0"), (0.021484375, "0.021"), (0.63, "0.63"), (3e-7, "< 0.0001")])
+@pytest.mark.parametrize("p_value, shown", [(1.0, "p = 1.0"), (0.021484375, "p = 0.021"), (0.63, "p = 0.63"),
+                                             (3e-7, "p < 0.0001")])
 def test_p_values_read_plainly(p_value, shown):
     from pipeline.reporting.content import format_p
 
@@ -220,7 +221,7 @@ def test_report_draws_accuracy_by_block_and_pretraining_and_says_what_they_show(
     assert linked == ["accuracy_by_block.png", "blocks_block1_pool.png", "blocks_block2_pool.png"]
     pair = blocks["block2_vs_block1"]
     assert f"block2 against block1: {'block2 is better' if pair['p_value'] < 0.05 else 'no measurable difference'}" \
-        f" (p = {format_p(pair['p_value'])}; {pair['only_block2_right']} test photos" in section
+        f" ({format_p(pair['p_value'])}; {pair['only_block2_right']} test photos" in section
     assert "block1 58.3%" in section and "block2 83.3%" in section  # the tiny heads: 7 and 10 of 12 right
     assert "Here " in section  # the verdict on depth, in words
 
@@ -228,7 +229,7 @@ def test_report_draws_accuracy_by_block_and_pretraining_and_says_what_they_show(
     section = markdown.split("## What pretraining buys", 1)[1].split("\n## ", 1)[0]
     paired = metrics["scratch_vs_feature_extraction"]
     discordant = paired["only_scratch_right"] + paired["only_feature_extraction_right"]
-    assert f"p = {format_p(paired['p_value'])}" in section and f"{discordant} discordant" in section
+    assert format_p(paired['p_value']) in section and f"{discordant} discordant" in section
     assert re.findall(r"\]\(figures/([^)]+)\)", section) == ["pretraining.png"]
     assert "on its training photos" in section and "Here " in section
 

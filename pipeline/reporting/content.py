@@ -93,8 +93,8 @@ def percent(value: float) -> str:
 
 
 def format_p(p_value: float) -> str:
-    """A p-value to two significant digits ("1.0", "0.021"), tiny ones as a bound."""
-    return "< 0.0001" if p_value < 1e-4 else f"{p_value:.2g}" if p_value < 1 else "1.0"
+    """A p-value to two significant digits ("p = 1.0", "p = 0.021"), tiny ones as a bound ("p < 0.0001")."""
+    return "p < 0.0001" if p_value < 1e-4 else f"p = {p_value:.2g}" if p_value < 1 else "p = 1.0"
 
 
 def format_interval(interval: Sequence[float]) -> str:
@@ -220,7 +220,7 @@ def transfer_sentence(models: Sequence[ModelResult], paired: dict[str, dict]) ->
         )
     return did + (
         f"Fine-tuning against feature extraction, on the same test photos: {verdict} "
-        f"(p = {format_p(test['p_value'])}, {errors(after)} vs {errors(before)} errors, "
+        f"({format_p(test['p_value'])}, {errors(after)} vs {errors(before)} errors, "
         f"{only_after + only_before} discordant); test accuracy {percent(before.evaluation['test_accuracy'])} "
         f"-> {percent(after.evaluation['test_accuracy'])} ({change:+.1f} points). The p-value is "
         f"McNemar's exact test on the discordant photos, those only one of the two got right "
@@ -240,7 +240,7 @@ def registry_sentences(models: Sequence[ModelResult], registry: dict[str, dict])
         said = f"{where}, registered as `{outcome['alias']}`: {outcome['reason']}"
         if outcome.get("p_value") is not None:
             said += (
-                f" (McNemar p = {format_p(outcome['p_value'])}; {outcome['only_new_right']} test samples only it "
+                f" (McNemar {format_p(outcome['p_value'])}; {outcome['only_new_right']} test samples only it "
                 f"got right, {outcome['only_champion_right']} only the champion did)"
             )
         sentences.append(said + ".")
@@ -513,7 +513,7 @@ def depth_sentences(blocks: dict[str, dict]) -> list[str]:
         verdict = paired_verdict(test["p_value"], only_deeper > only_shallower, deeper)
         verdicts.append((deeper, shallower, verdict))
         sentences.append(
-            f"{deeper} against {shallower}: {verdict} (p = {format_p(test['p_value'])}; {only_deeper} test photos "
+            f"{deeper} against {shallower}: {verdict} ({format_p(test['p_value'])}; {only_deeper} test photos "
             f"only {deeper}'s head got right, {only_shallower} only {shallower}'s)."
         )
     best = max(keys, key=lambda key: blocks[key]["test_accuracy"])
@@ -585,7 +585,7 @@ def pretraining_sentences(
     change = 100 * (head.evaluation["test_accuracy"] - scratch.evaluation["test_accuracy"])
     sentences = [
         f"On the same {head.evaluation['test_samples']} test photos, the head on VGG16's ImageNet features "
-        f"against the convnet trained from scratch: {verdict} (p = {format_p(test['p_value'])}, "
+        f"against the convnet trained from scratch: {verdict} ({format_p(test['p_value'])}, "
         f"{errors(head)} vs {errors(scratch)} errors, {only_head + only_scratch} discordant: {only_head} only the "
         f"pretrained model got right, {only_scratch} only the one from scratch). Test accuracy "
         f"{percent(scratch.evaluation['test_accuracy'])} from scratch -> "
