@@ -56,3 +56,18 @@ def test_bad_validation_size_and_mismatched_files():
 
     with pytest.raises(UserError, match="do not belong together"):
         check_pair(images, labels[:10], "train")
+
+
+def test_one_hot_is_keras_to_categorical_byte_for_byte():
+    """The numpy encoder gives what keras.utils.to_categorical gave (as float32), bit for bit."""
+    from keras.utils import to_categorical
+
+    from pipeline.data.mnist import one_hot
+
+    labels = tiny_digits(200, seed=1)[1].astype(np.int64)
+    ours, keras_ = one_hot(labels, 10), to_categorical(labels, 10).astype(np.float32)
+    assert ours.dtype == keras_.dtype and ours.shape == keras_.shape and ours.flags.c_contiguous
+    assert ours.tobytes() == keras_.tobytes()
+    assert one_hot(labels[:0], 10).shape == (0, 10)
+    with pytest.raises(UserError, match=r"labels must lie in \[0, 10\), got 0\.\.10"):
+        one_hot(np.array([0, 10]), 10)

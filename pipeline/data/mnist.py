@@ -25,12 +25,11 @@ def normalize(images: np.ndarray) -> np.ndarray:
 
 
 def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Integer labels -> float32 one-hot rows, with Keras' own encoder."""
-    from keras.utils import to_categorical  # keras loads TensorFlow: only when needed
-
+    """Integer labels -> float32 one-hot rows: keras.utils.to_categorical's numbers, in
+    numpy (importing Keras loads TensorFlow, seconds and hundreds of MB for a lookup)."""
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise UserError(f"labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
-    return to_categorical(labels, num_classes).astype(np.float32)
+    return np.eye(num_classes, dtype=np.float32)[labels]
 
 
 def stratified_split(labels: np.ndarray, validation_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
