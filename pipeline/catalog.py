@@ -230,11 +230,13 @@ STAGES: dict[str, Stage] = {
         Stage(
             "evaluate",
             "Score every model on its test split: metrics, confusion, Grad-CAM; log to MLflow.",
-            inputs=(MNIST, IMAGES, *(model.model for model in MODELS.values())),
+            # FEATURES: the VGG16 models are scored on the cached test activations
+            inputs=(MNIST, IMAGES, FEATURES, *(model.model for model in MODELS.values())),
             outputs=(EVALUATE_PLOTS,),
             metrics=(EVALUATE_METRICS,),
             plots=tuple(EVALUATE_PLOTS / f"confusion_{key}.csv" for key in MODELS),
-            params=("evaluate",),
+            # seed: the raw photos checked; finetune.unfreeze: the layer the cache holds
+            params=("seed", "evaluate", "finetune.unfreeze"),
         ),
         Stage(
             "report",

@@ -195,3 +195,28 @@ def pooled_curve(rows: Sequence[dict]) -> list[dict]:
 def _with_interval(row: dict) -> dict:
     low, high = wilson_interval(row["correct"], row["samples"])
     return {**row, "accuracy": row["correct"] / row["samples"], "ci95_low": low, "ci95_high": high}
+
+
+def stratified_sample(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """Sorted indices of `count` samples (all of them when there are fewer), drawn with
+    `seed`: the classes take turns, each in a random order, so every class present is in it
+    (as evenly as `count` allows)."""
+    rng = np.random.default_rng(seed)
+    queues = [rng.permutation(np.flatnonzero(labels == label)) for label in np.unique(labels)]
+    longest = max((len(queue) for queue in queues), default=0)
+    turns = [queue[i] for i in range(longest) for queue in queues if i < len(queue)]
+    return np.sort(np.asarray(turns[:count], dtype=np.int64))
+
+
+def max_relative_difference(actual: np.ndarray, desired: np.ndarray) -> float:
+    """max |actual - desired| over the largest |desired|: how far two float computations of
+    the same outputs differ, relative to the outputs' magnitude (elements near zero come out
+    of sums of large terms, so an element's own relative error says little)."""
+    actual, desired = np.asarray(actual, dtype=np.float64), np.asarray(desired, dtype=np.float64)
+    if actual.shape != desired.shape:
+        raise ValueError(f"shapes differ: {actual.shape} and {desired.shape}")
+    scale = float(np.max(np.abs(desired), initial=0.0))
+    difference = float(np.max(np.abs(actual - desired), initial=0.0))
+    if not scale:
+        return float("inf") if difference else 0.0
+    return difference / scale

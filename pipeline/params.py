@@ -223,6 +223,9 @@ class RegistryParams(Section):
 
 class EvaluateParams(Section):
     batch_size: PositiveInt  # test samples per forward pass
+    # test photos also run through the saved VGG16 models, checked against the cached path (0: none)
+    raw_sample: Annotated[int, Field(ge=0)]
+    raw_rtol: Annotated[float, Field(gt=0.0, lt=1.0)]  # their largest difference, relative to the outputs' size
     misclassified: Annotated[int, Field(ge=1, le=100)]  # misclassified examples drawn per model
     gradcam: GradcamParams
     translation: TranslationParams

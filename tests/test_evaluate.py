@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import assert_float32_close
+from conftest import REPO, assert_float32_close
 from pipeline.evaluation import (
     class_probabilities,
     cross_entropy,
@@ -185,7 +186,10 @@ def test_evaluate_writes_the_contract(evaluated):
     metrics = json.loads((evaluated / "metrics/evaluate.json").read_text())
     assert set(metrics) == {"baseline", "dense", "feature_extraction", "fine_tuning", "scratch", "dense_vs_baseline",
                             "fine_tuning_vs_feature_extraction", "scratch_vs_feature_extraction",
-                            "scratch_vs_fine_tuning", "translation"}
+                            "scratch_vs_fine_tuning", "translation", "raw_check"}
+    checked = metrics["raw_check"]  # evaluate.raw_sample: 4 of the 12 test photos, through the whole models
+    assert checked["photos"] == 4 and set(checked["max_relative_difference"]) == {"feature_extraction", "fine_tuning"}
+    assert all(0.0 <= value <= 1e-5 for value in checked["max_relative_difference"].values())
     for name, samples in (("baseline", MNIST_TEST), ("fine_tuning", 2 * PHOTOS_PER_CLASS["test"])):
         assert set(metrics[name]) == {
             "test_accuracy", "test_accuracy_ci95", "test_loss", "test_samples", "mlflow_run_id"}  # no per-class block
@@ -263,6 +267,7 @@ def test_evaluate_is_its_own_mlflow_run(evaluated):
     assert "fine_tuning.recall.dog" in logged  # the per-class table is still in MLflow
     assert runs[0].data.params["evaluate.gradcam.layer"] == "block2_conv2"
     assert "inference_seconds.images" in runs[0].data.metrics
+    assert logged["raw_check.photos"] == 4 and "raw_check.fine_tuning.max_relative_difference" in logged
     artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id, "plots")}
     assert "plots/gradcam_fine_tuning.png" in artifacts
 
@@ -317,6 +322,90 @@ def test_a_gradcam_layer_that_is_not_a_conv_layer_is_a_user_error(evaluated, mon
     with pytest.raises(UserError, match="evaluate.gradcam.layer"):
         evaluate.run(bad)
     assert (evaluated / "metrics/evaluate.json").read_text() == before  # outputs untouched
+
+
+def test_the_vgg16_models_scored_from_the_cache_equal_their_whole_models(evaluated, monkeypatch):
+    """predict_all's outputs of the two VGG-like models (their tops on data/features/, written
+    by sub-models of the saved head: tiny_project) against each saved model on the raw photos."""
+    import keras
+
+    from pipeline.stages import evaluate
+
+    monkeypatch.chdir(evaluated)
+    test_sets = evaluate.load_test_sets()
+    models = {name: keras.models.load_model(trained.model) for name, trained in evaluate.MODELS.items()}
+    outputs, _ = evaluate.predict_all(models, test_sets, batch_size=4, unfreeze=1)
+    photos = test_sets[evaluate.IMAGES].images
+    for name in ("feature_extraction", "fine_tuning"):
+        result, from_logits = outputs[name]
+        probabilities = class_probabilities(result, from_logits)[:, 1:]
+        # the cache against a forward pass: two computations (conftest)
+        assert_float32_close(probabilities, models[name].predict(photos, batch_size=12, verbose=0), err_msg=name)
+    assert not np.allclose(outputs["feature_extraction"][0], outputs["fine_tuning"][0])  # each read its own cache
+
+
+def test_a_corrupted_cache_fails_the_stage_in_one_line_and_writes_nothing(evaluated, monkeypatch):
+    from ruamel.yaml import YAML
+
+    from pipeline.errors import UserError
+    from pipeline.stages import evaluate
+
+    monkeypatch.chdir(evaluated)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{evaluated / 'mlflow.db'}")
+    cache = evaluated / "data/features/test_frozen.npy"
+    original = np.load(cache)
+    outputs = [evaluated / "metrics/evaluate.json", *sorted((evaluated / "plots/evaluate").iterdir())]
+    before = {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in outputs}
+    noise = np.random.default_rng(0).normal(0, 0.01 * np.abs(original).max(), original.shape)
+    np.save(cache, (original + noise).astype(np.float32))
+    try:
+        with pytest.raises(UserError) as caught:
+            evaluate.run(evaluated / "params.yaml")
+    finally:
+        np.save(cache, original)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert re.match(r"^fine_tuning: models/finetuned.keras on 4 raw test photos differs .* by [0-9.e+-]+ relative, "
+                    r"above evaluate.raw_rtol 1e-05", message), message
+    assert [evaluated / "metrics/evaluate.json", *sorted((evaluated / "plots/evaluate").iterdir())] == outputs
+    assert {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in outputs} == before  # nothing written
+
+
+def test_raw_sample_zero_runs_no_photo_and_compares_nothing():
+    from pipeline.params import load_params
+    from pipeline.stages import evaluate
+    from tiny_project import CLASS_NAMES
+
+    p = load_params(REPO / "params.yaml").evaluate.model_copy(update={"raw_sample": 0})
+    photos = evaluate.LabelledImages(np.zeros((4, 8, 8, 3), np.uint8), np.array([0, 1, 0, 1]), CLASS_NAMES)
+    # no model to run, outputs that would differ by everything: nothing is run or compared
+    checked, seconds = evaluate.check_raw_sample({}, {}, photos, p, seed=0)
+    assert checked == {"photos": 0, "max_relative_difference": {}} and seconds == 0.0
+
+
+def test_the_raw_sample_is_seeded_and_takes_every_class_in_turn():
+    from pipeline.evaluation import stratified_sample
+
+    labels = np.array([0] * 20 + [1] * 3 + [2] * 7)
+    sample = stratified_sample(labels, 6, seed=1)
+    assert list(sample) == sorted(set(sample)) and len(sample) == 6
+    assert sorted(np.bincount(labels[sample], minlength=3)) == [2, 2, 2]  # each class in turn
+    assert list(stratified_sample(labels, 6, seed=1)) == list(sample)
+    assert list(stratified_sample(labels, 6, seed=2)) != list(sample)
+    assert np.bincount(labels[stratified_sample(labels, 12, seed=1)]).tolist() == [5, 3, 4]  # class 1 runs out
+    assert list(stratified_sample(labels, 100, seed=1)) == list(range(30))
+    assert len(stratified_sample(labels, 0, seed=1)) == 0
+
+
+def test_max_relative_difference_is_relative_to_the_largest_output():
+    from pipeline.evaluation import max_relative_difference
+
+    desired = np.array([[10.0], [-0.001], [4.0]])
+    assert max_relative_difference(desired + [[0.0], [0.0001], [0.0]], desired) == pytest.approx(1e-5)
+    assert max_relative_difference(desired, desired) == 0.0
+    assert max_relative_difference(np.ones(2), np.zeros(2)) == float("inf")
+    with pytest.raises(ValueError, match="shapes"):
+        max_relative_difference(np.ones(2), np.ones(3))
 
 
 def test_an_evaluate_run_logs_its_test_data_hash_so_compare_can_pair_it(evaluated, monkeypatch):

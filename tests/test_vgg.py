@@ -212,3 +212,19 @@ def test_missing_weights_file_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         build_conv_base(str(tmp_path / "nope.h5"), (SIZE, SIZE, 3))
 
+
+
+@pytest.mark.parametrize("unfreeze", [0, 1, 2, 3])
+def test_the_saved_classifier_scored_from_the_cache_is_the_whole_model(conv_base, images, tmp_path, unfreeze):
+    """What evaluate does: a saved classifier's layers above the layer extract_features caches
+    (feature_model's first output), run on that cache, give the whole model's logits."""
+    from pipeline.models.inference import cut_layer, layers_after, logit_model
+    from pipeline.models.vgg import feature_model
+
+    assemble_classifier(conv_base, head_for(conv_base), unfreeze).save(tmp_path / "classifier.keras")
+    scorer, from_logits = logit_model(keras.saving.load_model(tmp_path / "classifier.keras"))
+    assert from_logits and cut_layer(scorer, unfreeze) == last_frozen_layer(unfreeze)
+    cached = feature_model(conv_base, unfreeze)(images)[0]
+    top = layers_after(scorer, last_frozen_layer(unfreeze))
+    assert top.layers[1].name == (VGG16_CONV_LAYERS[-unfreeze] if unfreeze else "head_pool")
+    assert_float32_close(top(cached), scorer(images))  # the cache and the whole: two computations (conftest)

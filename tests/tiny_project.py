@@ -30,7 +30,9 @@ def tiny_params() -> dict:
     params["images"]["size"] = IMAGE_SIZE
     params["baseline"].update(conv_filters=[4, 4], dense_units=8)
     params["dense"].update(units=[8])
-    params["evaluate"] = {"batch_size": 4, "misclassified": 4, "gradcam": {"photos": 4, "layer": "block2_conv2"},
+    params["finetune"]["unfreeze"] = 1  # the "fine-tuned" model changed block2_conv2 (write_models)
+    params["evaluate"] = {"batch_size": 4, "raw_sample": 4, "raw_rtol": 1e-5, "misclassified": 4,
+                          "gradcam": {"photos": 4, "layer": "block2_conv2"},
                           "translation": {"max_shift": 2, "samples": 0}, "registry": params["evaluate"]["registry"]}
     params["report"] = {
         "image_index": 1,
@@ -189,12 +191,33 @@ def write_block_heads_outputs(root: Path) -> None:
     (root / "metrics" / "block_heads.json").write_text(json.dumps(block_metrics(heads)))
 
 
+def write_feature_cache(root: Path, models: dict) -> None:
+    """data/features/test_{pooled,frozen,labels}.npy as extract_features caches them: the test
+    photos' activations at the head's input (block2_pool) and below the layer fine-tuning
+    changed (block2_conv1, `finetune.unfreeze: 1`), by sub-models of the saved head model."""
+    import keras
+
+    from pipeline.models.graph import layer_output
+
+    with np.load(root / "data" / "prepared" / "images.npz") as data:
+        photos, labels = data["x_test"], data["y_test"]
+    head = models["train_head"]
+    features = root / "data" / "features"
+    features.mkdir(parents=True)
+    for kind, layer in (("pooled", "block2_pool"), ("frozen", "block2_conv1")):
+        extractor = keras.Model(head.inputs, layer_output(head, layer))
+        np.save(features / f"test_{kind}.npy", extractor.predict(photos, batch_size=2, verbose=0))
+    np.save(features / "test_labels.npy", labels)
+    (features / "class_names.json").write_text(json.dumps(CLASS_NAMES) + "\n")
+
+
 def make_tiny_project(root: Path) -> dict[str, str]:
     """Everything evaluate and report read, in `root` (the current directory for the stages)."""
     params = tiny_params()
     write_yaml(root / "params.yaml", params)
     write_data(root)
     models = write_models(root, params)
+    write_feature_cache(root, models)
     run_ids = write_training_outputs(root, params, models)
     write_block_heads_outputs(root)
     return run_ids

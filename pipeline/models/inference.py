@@ -5,6 +5,9 @@ layers (block1..block4 keep their ImageNet weights): running both on every test 
 compute those layers twice, and they are most of VGG16's cost. `predict_together` finds the
 deepest layer up to which the models are the same (same layer names, types and weights),
 runs that part once per batch, and branches into each model's remaining layers.
+
+When those first layers' outputs are already cached (extract_features' activations at the
+last frozen layer), `layers_after` gives the rest of a model, to run on the cache alone.
 """
 
 from __future__ import annotations
@@ -14,7 +17,14 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
-from pipeline.models.graph import apply_layers, layer_chain, logits_of
+from pipeline.models.graph import (
+    apply_layers,
+    conv_and_pool_layer_names,
+    conv_layer_names,
+    layer_chain,
+    layer_output,
+    logits_of,
+)
 
 
 def logit_model(model: keras.Model) -> tuple[keras.Model, bool]:
@@ -113,3 +123,42 @@ def sharing_groups(models: Sequence[keras.Model]) -> list[list[int]]:
         else:
             groups.append([i])
     return groups
+
+
+def cut_layer(model: keras.Model, unfreeze: int) -> str:
+    """The layer of a VGG16-like classifier below its top `unfreeze` learned conv layers:
+    the one before the `unfreeze`-th last conv layer, or for 0 the last conv or pooling layer
+    (the head's input). For VGG16 it is `pipeline.models.vgg.last_frozen_layer(unfreeze)`,
+    the layer whose output extract_features caches."""
+    chain = layer_chain(model)
+    convs = conv_layer_names(model)
+    if chain is None or not 0 <= unfreeze <= len(convs):
+        raise ValueError(f"{model.name}: not a chain of layers with {unfreeze} conv layers to keep on top")
+    if unfreeze == 0:
+        return conv_and_pool_layer_names(model)[-1]
+    names = [layer.name for layer in chain]
+    return names[names.index(convs[-unfreeze]) - 1]
+
+
+def layers_after(model: keras.Model, layer_name: str) -> keras.Model:
+    """`model`'s layers after `layer_name` as a model of their own (the same layer objects:
+    weights shared), taking that layer's output: `layers_after(model, name)(x)` is `model`'s
+    output when `x` is what `name` output. ValueError when `model` is not a chain of layers."""
+    chain = layer_chain(model)
+    if chain is None:
+        raise ValueError(f"{model.name}: not a chain of layers")
+    names = [layer.name for layer in chain]
+    cut = layer_output(model, layer_name)
+    activation = keras.Input(shape=cut.shape[1:], dtype=cut.dtype, name=f"{layer_name}_output")
+    outputs = apply_layers(chain[names.index(layer_name) + 1 :], activation)
+    return keras.Model(activation, outputs, name=f"{model.name}_after_{layer_name}")
+
+
+def predict_batches(model: keras.Model, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+    """`model` on `inputs` in batches of `batch_size`: only one batch of a memory-mapped
+    array (np.load(..., mmap_mode="r")) is read into memory at a time."""
+    outputs = [
+        np.asarray(model.predict_on_batch(np.asarray(inputs[start : start + batch_size])))
+        for start in range(0, len(inputs), batch_size)
+    ]
+    return np.concatenate(outputs)

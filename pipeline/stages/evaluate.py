@@ -1,11 +1,17 @@
 """evaluate: every model scored on its own test split, with the pictures of what it got wrong.
 
-The baseline on the MNIST test digits; models/head.keras ("feature_extraction") and
-models/finetuned.keras ("fine_tuning") on the test photos, raw photos in, so the saved
-models are checked end to end. Writes metrics/evaluate.json (the headline numbers: per model
+The baseline and the Dense model on the MNIST test digits, the convnet from scratch on the
+test photos; models/head.keras ("feature_extraction") and models/finetuned.keras
+("fine_tuning") on the test activations extract_features cached (data/features/test_*.npy,
+memory-mapped): each model's layers above the cached layer run, not VGG16 again. A sample of
+`evaluate.raw_sample` test photos (seeded, every class in it) runs through the two saved
+whole models, so they are still checked end to end: their outputs must equal the cached
+path's within `evaluate.raw_rtol`, else the stage fails with one line and writes nothing.
+Writes metrics/evaluate.json (the headline numbers: per model
 test_accuracy with its 95% Wilson interval test_accuracy_ci95, test_loss, test_samples; per
 two models scored on the same test set, e.g. fine_tuning_vs_feature_extraction, the exact
-McNemar p-value and the samples only one of them got right) and plots/evaluate/: per model a
+McNemar p-value and the samples only one of them got right; raw_check: how many raw photos
+were checked and each VGG16 model's largest relative difference) and plots/evaluate/: per model a
 confusion CSV (one `actual,predicted` row per test sample: a DVC confusion plot), the
 confusion matrix and the misclassified examples as PNGs; per_class.csv (precision, recall,
 F1, support of every class of every model); per test set correct_<set>.csv (0/1 per sample
@@ -27,9 +33,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline import catalog
-from pipeline.catalog import IMAGES, MNIST, MODELS, PAIRS
+from pipeline.catalog import FEATURES, IMAGES, MNIST, MODELS, PAIRS
 from pipeline.errors import UserError
-from pipeline.params import EvaluateParams, TranslationParams, load_params
+from pipeline.params import EvaluateParams, Params, TranslationParams, load_params
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -93,29 +99,105 @@ def load_test_sets() -> dict[Path, LabelledImages]:
     return {MNIST: digits, IMAGES: photos}
 
 
-def predict_all(models: dict, test_sets: dict[Path, LabelledImages], batch_size: int) -> tuple[dict, dict]:
+def cached_inputs(unfreeze: int) -> dict[str, tuple[Path, int]]:
+    """{VGG16 model: (its cached test activations, how many of its top conv layers run on them)}:
+    the head reads block5_pool's output, the fine-tuned model the last frozen layer's."""
+    return {
+        "feature_extraction": (FEATURES / "test_pooled.npy", 0),
+        "fine_tuning": (FEATURES / "test_frozen.npy", unfreeze),
+    }
+
+
+def predict_cached(
+    name: str, model, cache: Path, unfreeze: int, test: LabelledImages, batch_size: int
+) -> tuple[np.ndarray, bool]:
+    """`model`'s (outputs, from_logits) on the test photos, as `predict_all` gives them, from
+    their activations in `cache` (memory-mapped): only its layers above the cached one run."""
+    from pipeline.models.inference import cut_layer, layers_after, logit_model, predict_batches
+
+    scorer, from_logits = logit_model(model)
+    cut = cut_layer(scorer, unfreeze)
+    top = layers_after(scorer, cut)
+    activations = np.load(cache, mmap_mode="r")
+    expected = (len(test.images), *top.inputs[0].shape[1:])
+    if activations.shape != expected:
+        raise UserError(
+            f"{cache}: holds activations of shape {activations.shape}, but {name} needs {expected} "
+            f"(the output of {cut} for each test photo): run `dvc repro extract_features`"
+        )
+    return predict_batches(top, activations, batch_size), from_logits
+
+
+def predict_all(
+    models: dict, test_sets: dict[Path, LabelledImages], batch_size: int, unfreeze: int
+) -> tuple[dict, dict]:
     """Each model's (outputs, from_logits) on its test set, and inference timings per test set.
 
     The outputs are the logits when a model ends in a sigmoid or softmax (so the loss is
-    exact, as in Keras' evaluate). Models that take the same test set run together, so the
-    layers they share (VGG16's frozen blocks) are computed once per photo. Timings:
-    `inference_seconds.<set>` and `samples_per_second.<set>` (set = "mnist" or "images").
+    exact, as in Keras' evaluate). The VGG16 models run on the cached activations
+    (`cached_inputs`); the others on the test set, those that take the same one together,
+    so the layers they share are computed once per sample. Timings: `inference_seconds.<set>`
+    and `samples_per_second.<set>` (set = "mnist" or "images").
     """
     from pipeline.models.inference import logit_model, predict_together
 
+    check_cached_labels(test_sets[IMAGES])
+    cached = cached_inputs(unfreeze)
     outputs: dict[str, tuple[np.ndarray, bool]] = {}
     timings: dict[str, float] = {}
     for data, test in test_sets.items():
-        names = [name for name, trained in MODELS.items() if trained.test_data == data]
+        names = [name for name, trained in MODELS.items() if trained.test_data == data and name not in cached]
         scorers = [logit_model(models[name]) for name in names]
         started = time.perf_counter()
         results = predict_together([scorer for scorer, _ in scorers], test.images, batch_size)
-        seconds = time.perf_counter() - started
         for name, result, (_, from_logits) in zip(names, results, scorers):
             outputs[name] = (result, from_logits)
+        if data == IMAGES:
+            for name, (cache, layers) in cached.items():
+                outputs[name] = predict_cached(name, models[name], cache, layers, test, batch_size)
+        seconds = time.perf_counter() - started
         timings[f"inference_seconds.{data.stem}"] = round(seconds, 3)
         timings[f"samples_per_second.{data.stem}"] = round(len(test.images) / max(seconds, 1e-9), 2)
     return outputs, timings
+
+
+def check_cached_labels(photos: LabelledImages) -> None:
+    """The cache's test labels are the test split's, in its order (else the cache is stale)."""
+    path = FEATURES / "test_labels.npy"
+    if not np.array_equal(np.load(path), photos.labels):
+        raise UserError(f"{path}: not the labels of {IMAGES}'s test photos: run `dvc repro extract_features`")
+
+
+def check_raw_sample(
+    models: dict, outputs: dict, photos: LabelledImages, p: EvaluateParams, seed: int
+) -> tuple[dict, float]:
+    """Run `p.raw_sample` test photos (seeded by `seed`, every class in it) through the saved
+    whole VGG16 models and compare their outputs with the cached path's `outputs`.
+
+    Returns ({"photos": N, "max_relative_difference": {model: d}}, seconds); raises a one-line
+    UserError naming the model when a difference exceeds `p.raw_rtol`. Nothing runs for 0.
+    """
+    from pipeline.evaluation import max_relative_difference, stratified_sample
+    from pipeline.models.inference import logit_model, predict_together
+
+    names = list(cached_inputs(0))
+    chosen = stratified_sample(photos.labels, p.raw_sample, seed)
+    checked: dict = {"photos": len(chosen), "max_relative_difference": {}}
+    if not len(chosen):
+        return checked, 0.0
+    started = time.perf_counter()
+    whole = predict_together([logit_model(models[name])[0] for name in names], photos.images[chosen], p.batch_size)
+    seconds = time.perf_counter() - started
+    for name, raw in zip(names, whole):
+        difference = max_relative_difference(raw, outputs[name][0][chosen])
+        if not difference <= p.raw_rtol:
+            raise UserError(
+                f"{name}: {MODELS[name].model} on {len(chosen)} raw test photos differs from its outputs on the "
+                f"cached activations ({FEATURES}) by {difference:.3g} relative, above evaluate.raw_rtol "
+                f"{p.raw_rtol:g}: the cache does not match the model; run `dvc repro -f extract_features`"
+            )
+        checked["max_relative_difference"][name] = difference
+    return checked, seconds
 
 
 def gradcam_figure_for(model, evaluated: Evaluated, p: EvaluateParams):
@@ -219,8 +301,8 @@ def paired_tests(evaluated: dict[str, Evaluated]) -> dict[str, dict]:
 def mlflow_metrics(results: dict[str, dict], evaluated: dict[str, Evaluated]) -> dict[str, float]:
     """evaluate.json flattened to MLflow metric names: `model.test_accuracy`,
     `model.test_accuracy_ci95_low` and `_high`, `fine_tuning_vs_feature_extraction.p_value`,
-    and the per-class table as `model.precision.CLASS` (class names reduced to the
-    characters MLflow accepts)."""
+    `raw_check.photos` and `raw_check.<model>.max_relative_difference`, and the per-class
+    table as `model.precision.CLASS` (class names reduced to the characters MLflow accepts)."""
     flat = {}
     for model in MODELS:
         for key in ("test_accuracy", "test_loss", "test_samples"):
@@ -233,6 +315,10 @@ def mlflow_metrics(results: dict[str, dict], evaluated: dict[str, Evaluated]) ->
                 flat[f"{model}.{key}.{safe}"] = values[key]
     for pair in PAIRS:
         flat.update({f"{pair}.{key}": float(value) for key, value in results[pair].items()})
+    checked = results["raw_check"]
+    flat["raw_check.photos"] = checked["photos"]
+    for model, difference in checked["max_relative_difference"].items():
+        flat[f"raw_check.{model}.max_relative_difference"] = difference
     return flat
 
 
@@ -249,18 +335,21 @@ def log_translation_curve(curve: list[dict]) -> None:
 
 
 def evaluate_models(
-    models: dict, test_sets: dict[Path, LabelledImages], p: EvaluateParams
-) -> tuple[dict[str, Evaluated], dict]:
-    """({model name: Evaluated}, inference timings): every model's outputs and scores."""
+    models: dict, test_sets: dict[Path, LabelledImages], params: Params
+) -> tuple[dict[str, Evaluated], dict, dict]:
+    """({model name: Evaluated}, inference timings, the raw photos' check): every model's
+    outputs and scores, once the saved VGG16 models agreed with the cached path."""
     from pipeline.evaluation import score
 
-    outputs, timings = predict_all(models, test_sets, p.batch_size)
+    p = params.evaluate
+    outputs, timings = predict_all(models, test_sets, p.batch_size, params.finetune.unfreeze)
+    checked, timings["raw_check_seconds"] = check_raw_sample(models, outputs, test_sets[IMAGES], p, params.seed)
     evaluated = {}
     for name, trained in MODELS.items():
         test, (result, from_logits) = test_sets[trained.test_data], outputs[name]
         scores = score(test.labels, result, test.class_names, from_logits)
         evaluated[name] = Evaluated(test, result, from_logits, scores)
-    return evaluated, timings
+    return evaluated, timings, checked
 
 
 def test_data_tags(test_sets: dict[Path, LabelledImages]) -> dict[str, str]:
@@ -371,7 +460,7 @@ def run(params_file: Path) -> None:
     with tracked(STAGE, params) as run:
         mlflow.set_tags(test_data_tags(test_sets))
         models = {name: keras.models.load_model(trained.model) for name, trained in MODELS.items()}
-        evaluated, timings = evaluate_models(models, test_sets, p)
+        evaluated, timings, checked = evaluate_models(models, test_sets, params)
         figures = all_figures(models, evaluated, p)
         started = time.perf_counter()
         translation = translation_scores(models, test_sets[MNIST], p.translation, p.batch_size)
@@ -383,6 +472,7 @@ def run(params_file: Path) -> None:
         }
         results.update(paired_tests(evaluated))
         results["translation"] = translation_headline(translation, p.translation.max_shift)
+        results["raw_check"] = checked
         registered = register_models(models, evaluated, p, run.info.run_id)
         with atomic_path(PLOTS, directory=True) as plots:
             write_plots(plots, evaluated, figures, translation)
