@@ -1,17 +1,20 @@
-"""The whole run against its limit: `dvc repro -f` timed stage by stage, then the work it
-cannot avoid timed alone in the same process tree on the same machine.
+"""The whole run against its limit: each stage run by DVC, then the work it cannot avoid
+timed alone, in the same process tree on the same machine.
 
-1. `dvc repro -f` in the project folder (the real-data run folder, say); each stage's
-   process seconds run from its "Running stage" line to the next one (the stage's process,
-   imports included, and DVC caching its outputs);
-2. the irreducible work, with plain Keras on the run's own outputs: extract_features'
-   forward passes as a bare `conv_base.predict` (same weights, photos, views and batch),
-   and each training's epochs as a plain `model.fit` (same model, data, validation data,
-   batch), as many epochs as the stage ran (its metrics file: early stopping decides).
+Stage by stage, in pipeline order:
+1. `dvc repro -f -s STAGE` in the project folder (the real-data run folder, say); the
+   stage's process seconds run from its "Running stage" line to the end of DVC (the stage's
+   process, imports included, and DVC caching its outputs);
+2. right after it, so that both see the same load on a shared machine, its irreducible work
+   with plain Keras on the outputs it just wrote: extract_features' forward passes as a bare
+   `conv_base.predict` (same weights, photos, views and batch), a training's epochs as a
+   plain `model.fit` (same model, data, validation data, batch), as many epochs as the stage
+   ran (its metrics file: early stopping decides).
 
 Prints JSON: per stage {process_s, irreducible_s, ratio} (ratio null for a stage with no
-irreducible work counted: downloads, preparation, evaluate, report), whole_run_s (the
-`dvc repro -f` wall time), irreducible_s and whole_run_ratio.
+irreducible work counted: downloads, preparation, evaluate, report), whole_run_s (the walls
+of the 14 `dvc repro` calls), irreducible_s, whole_run_ratio and outside_stages_s (the 14
+DVC starts: one `dvc repro` of the whole pipeline pays one).
 Run: `.venv/bin/python benchmarks/bench_pipeline.py [--project DIR]`.
 """
 
@@ -31,16 +34,11 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import catalog
+
 RUNNING = re.compile(r"Running stage '([^']+)'")
-TRAININGS = ("train_baseline", "train_dense", "train_head", "finetune", "train_scratch")
-METRICS = {  # training stage -> its metrics file (catalog.MODELS), block heads aside
-    "train_baseline": Path("metrics/baseline.json"),
-    "train_dense": Path("metrics/dense.json"),
-    "train_head": Path("metrics/head.json"),
-    "finetune": Path("metrics/finetune.json"),
-    "train_scratch": Path("metrics/scratch.json"),
-}
-BLOCK_HEADS_METRICS = Path("metrics/block_heads.json")
+METRICS = {model.stage: model.metrics for model in catalog.MODELS.values()}  # the trainings that save a model
+BLOCK_HEADS_METRICS = catalog.BLOCK_HEADS_METRICS
 
 
 def stage_spans(events: Iterable[tuple[float, str]], end: float) -> dict[str, float]:
@@ -51,15 +49,14 @@ def stage_spans(events: Iterable[tuple[float, str]], end: float) -> dict[str, fl
     return {stage: round(stop - start, 2) for (start, stage), stop in zip(starts, ends, strict=True)}
 
 
-def epochs_run(root: Path) -> dict[str, int]:
-    """Epochs each training ran, from its metrics file: {stage: epochs}, and for
-    train_block_heads {"train_block_heads.block<N>": epochs} per block."""
-    epochs = {stage: int(json.loads((root / path).read_text())["epochs"]) for stage, path in METRICS.items()}
+def epochs_run(root: Path, stage: str) -> dict[str, int]:
+    """Epochs the training `stage` ran, from its metrics file: {stage: epochs}, or for
+    train_block_heads {"block<N>": epochs} per block."""
+    if stage != "train_block_heads":
+        return {stage: int(json.loads((root / METRICS[stage]).read_text())["epochs"])}
     blocks = json.loads((root / BLOCK_HEADS_METRICS).read_text())
-    for key, values in blocks.items():
-        if "epochs" in values:  # blockN (blockM_vs_blockN holds the paired test)
-            epochs[f"train_block_heads.{key}"] = int(values["epochs"])
-    return epochs
+    # blockN holds its head's numbers, blockM_vs_blockN the paired test
+    return {key: int(values["epochs"]) for key, values in blocks.items() if "epochs" in values}
 
 
 def ratio(process: float, irreducible: float) -> float | None:
@@ -90,14 +87,21 @@ def breakdown(process: dict[str, float], irreducible: dict[str, float], whole_ru
     }
 
 
-def repro(project: Path) -> tuple[dict[str, float], float]:
-    """`dvc repro -f` in `project`, its output passed on to stderr: (stage seconds, wall)."""
-    dvc = Path(sys.executable).parent / "dvc"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # each line as it is printed, for its time
+def repro(project: Path, *stages: str) -> tuple[dict[str, float], float]:
+    """`dvc repro -f -s STAGE...` in `project` (every stage if none is given), its output
+    passed on to stderr: (seconds of each stage that ran, wall seconds)."""
+    venv = Path(sys.executable).parent  # its `dvc` and `pipeline`, first on PATH as `make run` puts them
+    # PYTHONUNBUFFERED: each line as it is printed, for its time
+    env = {**os.environ, "PATH": f"{venv}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
     events: list[tuple[float, str]] = []
     started = time.perf_counter()
     with subprocess.Popen(
-        [str(dvc), "repro", "-f"], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        [str(venv / "dvc"), "repro", "-f", *(["-s", *stages] if stages else [])],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
     ) as process:
         assert process.stdout is not None
         for line in process.stdout:
@@ -105,7 +109,7 @@ def repro(project: Path) -> tuple[dict[str, float], float]:
             sys.stderr.write(line)
     end = time.perf_counter()
     if process.returncode != 0:
-        raise SystemExit(f"dvc repro -f failed in {project} (exit {process.returncode})")
+        raise SystemExit(f"dvc repro -f {' '.join(stages)} failed in {project} (exit {process.returncode})")
     return stage_spans(events, end), end - started
 
 
@@ -126,7 +130,6 @@ def extraction_seconds(params) -> float:
     """A bare `conv_base.predict` over every view extract_features cached, at its batch size."""
     import keras
 
-    from pipeline import catalog
     from pipeline.models.vgg import build_conv_base
     from pipeline.stages.extract_features import augmented_of, views_per_photo
 
@@ -146,7 +149,6 @@ def extraction_seconds(params) -> float:
 
 def digits_seconds(stage: str, epochs: int, params) -> float:
     """train_baseline or train_dense: plain fit of the same model, optimizer and schedule."""
-    from pipeline import catalog
     from pipeline.models.baseline import build_baseline
     from pipeline.models.dense import build_dense
     from pipeline.models.optimizer import make_optimizer
@@ -185,7 +187,6 @@ def finetune_seconds(epochs: int, params) -> float:
     """The unfrozen block5 layers and the trained head on the cached block4_pool activations."""
     import keras
 
-    from pipeline import catalog
     from pipeline.models.vgg import build_conv_base, build_finetune_model, split_at_last_frozen_layer
     from pipeline.stages.vgg_common import compile_classifier, head_of, load_features
 
@@ -220,7 +221,6 @@ def block_heads_seconds(epochs: dict[int, int], params) -> float:
 
 
 def scratch_seconds(epochs: int, params) -> float:
-    from pipeline import catalog
     from pipeline.models.optimizer import make_optimizer
     from pipeline.models.scratch import build_scratch_convnet, loss_for
 
@@ -238,21 +238,23 @@ def scratch_seconds(epochs: int, params) -> float:
     return timed_fit(build, photos["train"], photos["validation"], epochs, p.batch_size, params.seed)
 
 
-def irreducible(root: Path) -> dict[str, float]:
-    """Seconds of each stage's irreducible work, timed in this process on `root`'s outputs."""
-    from pipeline.params import load_params
+def irreducible_seconds(stage: str, root: Path, params) -> float | None:
+    """Seconds of `stage`'s irreducible work, timed in this process on the outputs it wrote
+    in `root` (the working folder); None for a stage with none counted."""
+    import keras
 
-    params = load_params(root / "params.yaml")
-    epochs = epochs_run(root)
-    blocks = {int(key.removeprefix("train_block_heads.block")): n for key, n in epochs.items() if "." in key}
-    seconds = {"extract_features": extraction_seconds(params)}
-    for stage in ("train_baseline", "train_dense"):
-        seconds[stage] = digits_seconds(stage, epochs[stage], params)
-    seconds["train_head"] = head_seconds(epochs["train_head"], params)
-    seconds["finetune"] = finetune_seconds(epochs["finetune"], params)
-    seconds["train_block_heads"] = block_heads_seconds(blocks, params)
-    seconds["train_scratch"] = scratch_seconds(epochs["train_scratch"], params)
-    return seconds
+    keras.backend.clear_session()  # the previous stage's models and graphs
+    if stage == "extract_features":
+        return extraction_seconds(params)
+    if stage not in METRICS and stage != "train_block_heads":
+        return None
+    epochs = epochs_run(root, stage)
+    if stage == "train_block_heads":
+        return block_heads_seconds({int(key.removeprefix("block")): n for key, n in epochs.items()}, params)
+    if stage in ("train_baseline", "train_dense"):
+        return digits_seconds(stage, epochs[stage], params)
+    functions = {"train_head": head_seconds, "finetune": finetune_seconds, "train_scratch": scratch_seconds}
+    return functions[stage](epochs[stage], params)
 
 
 def main() -> None:
@@ -260,10 +262,22 @@ def main() -> None:
     parser.add_argument("--project", type=Path, default=Path("."), help="the DVC project to run (default: here)")
     args = parser.parse_args()
     root = args.project.resolve()
-    process, whole_run = repro(root)
     os.chdir(root)  # the catalog's paths are relative to the project
-    seconds = irreducible(root)
-    json.dump(breakdown(process, seconds, whole_run), sys.stdout, indent=2)
+    from pipeline.params import load_params
+
+    params = load_params(root / "params.yaml")
+    process: dict[str, float] = {}
+    irreducible: dict[str, float] = {}
+    whole_run = 0.0
+    for stage in catalog.STAGES:  # in pipeline order
+        spans, wall = repro(root, stage)
+        process.update(spans)
+        whole_run += wall
+        seconds = irreducible_seconds(stage, root, params)
+        if seconds is not None:
+            irreducible[stage] = seconds
+            print(f"{stage}: process {spans.get(stage)} s, irreducible {seconds:.1f} s", file=sys.stderr)
+    json.dump(breakdown(process, irreducible, whole_run), sys.stdout, indent=2)
     print()
 
 

@@ -46,6 +46,8 @@ def test_the_spans_of_a_real_dvc_repro_cover_its_stages_in_order(tmp_path):
     assert all(seconds >= 0 for seconds in spans.values())
     assert sum(spans.values()) <= wall
     assert (root / "two.txt").read_text() == "one\n"
+    spans, _ = bench_pipeline.repro(root, "second")  # -f -s: that stage alone, again
+    assert list(spans) == ["second"]
 
 
 def write_metrics(root: Path) -> None:
@@ -62,22 +64,29 @@ def write_metrics(root: Path) -> None:
 
 def test_the_epochs_come_from_each_stages_metrics_file(tmp_path):
     write_metrics(tmp_path)
-    assert bench_pipeline.epochs_run(tmp_path) == {
-        "train_baseline": 5,
-        "train_dense": 4,
-        "train_head": 23,
-        "finetune": 3,
-        "train_scratch": 7,
-        "train_block_heads.block3": 15,
-        "train_block_heads.block4": 12,
+    ran = {stage: bench_pipeline.epochs_run(tmp_path, stage) for stage in bench_pipeline.METRICS}
+    assert ran == {
+        "train_baseline": {"train_baseline": 5},
+        "train_dense": {"train_dense": 4},
+        "train_head": {"train_head": 23},
+        "finetune": {"finetune": 3},
+        "train_scratch": {"train_scratch": 7},
     }
+    assert bench_pipeline.epochs_run(tmp_path, "train_block_heads") == {"block3": 15, "block4": 12}
 
 
 def test_a_missing_metrics_file_is_named(tmp_path):
     write_metrics(tmp_path)
     (tmp_path / "metrics/finetune.json").unlink()
     with pytest.raises(FileNotFoundError, match="finetune.json"):
-        bench_pipeline.epochs_run(tmp_path)
+        bench_pipeline.epochs_run(tmp_path, "finetune")
+
+
+def test_every_training_stage_of_the_catalog_has_its_epochs_read():
+    from pipeline.catalog import STAGES
+
+    trainings = {stage for stage in STAGES if stage.startswith("train_") or stage == "finetune"}
+    assert set(bench_pipeline.METRICS) | {"train_block_heads"} == trainings
 
 
 def test_the_breakdown_divides_process_by_irreducible_seconds():
