@@ -276,7 +276,8 @@ def main() -> None:
         seconds = irreducible_seconds(stage, root, params)
         if seconds is not None:
             irreducible[stage] = seconds
-            print(f"{stage}: process {spans.get(stage)} s, irreducible {seconds:.1f} s", file=sys.stderr)
+        record = {"stage": stage, "wall_s": round(wall, 2), "process_s": spans.get(stage), "irreducible_s": seconds}
+        print(json.dumps(record), file=sys.stderr, flush=True)
     json.dump(breakdown(process, irreducible, whole_run), sys.stdout, indent=2)
     print()
 
