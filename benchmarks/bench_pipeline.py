@@ -15,7 +15,7 @@ Prints JSON: per stage {process_s, irreducible_s, ratio} (ratio null for a stage
 irreducible work counted: downloads, preparation, evaluate, report), whole_run_s (the walls
 of the 14 `dvc repro` calls), irreducible_s, whole_run_ratio and outside_stages_s (the 14
 DVC starts: one `dvc repro` of the whole pipeline pays one).
-Run: `.venv/bin/python benchmarks/bench_pipeline.py [--project DIR]`.
+Run: `.venv/bin/python benchmarks/bench_pipeline.py [--project DIR] [--stages STAGE...]`.
 """
 
 from __future__ import annotations
@@ -260,6 +260,9 @@ def irreducible_seconds(stage: str, root: Path, params) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--project", type=Path, default=Path("."), help="the DVC project to run (default: here)")
+    parser.add_argument(
+        "--stages", nargs="+", choices=list(catalog.STAGES), help="only these (their inputs must exist)"
+    )
     args = parser.parse_args()
     root = args.project.resolve()
     os.chdir(root)  # the catalog's paths are relative to the project
@@ -269,7 +272,7 @@ def main() -> None:
     process: dict[str, float] = {}
     irreducible: dict[str, float] = {}
     whole_run = 0.0
-    for stage in catalog.STAGES:  # in pipeline order
+    for stage in [stage for stage in catalog.STAGES if stage in (args.stages or catalog.STAGES)]:  # pipeline order
         spans, wall = repro(root, stage)
         process.update(spans)
         whole_run += wall
