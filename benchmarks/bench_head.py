@@ -137,15 +137,23 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="photo size of the 10-class set")
     parser.add_argument("--per-class", type=int, nargs=3, default=[30, 15, 15], metavar=("TRAIN", "VAL", "TEST"))
     parser.add_argument("--max-iter", type=int, default=2000, help="LogisticRegression's iteration bound")
+    parser.add_argument("--sets", nargs="+", choices=("real", "ten_classes"), default=["real", "ten_classes"])
     parser.add_argument("-S", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    params = params_with(args.overrides)
+    try:
+        params = params_with(args.overrides)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     from pipeline.stages.vgg_common import load_features
 
-    real, class_names = load_features("pooled")
-    results = [compare("real", real, len(class_names), params, args.max_iter)]
-    photos, names = ten_class_photos(dict(zip(SPLITS, args.per_class, strict=True)), args.size)
-    results.append(compare("ten_classes", pooled_features(photos, params), len(names), params, args.max_iter))
+    results = []
+    if "real" in args.sets:
+        real, class_names = load_features("pooled")
+        results.append(compare("real", real, len(class_names), params, args.max_iter))
+    if "ten_classes" in args.sets:
+        photos, names = ten_class_photos(dict(zip(SPLITS, args.per_class, strict=True)), args.size)
+        results.append(compare("ten_classes", pooled_features(photos, params), len(names), params, args.max_iter))
     print(json.dumps({"overrides": args.overrides, "results": results}, indent=2))
 
 
