@@ -13,8 +13,9 @@ training rows (block5_pool globally averaged, standardized). Two photo sets:
    of ten classes that ImageNet never trained on, through the same frozen VGG16.
 
 Needs the outputs of extract_features and prepare_mnist (and prepare_images,
-download_weights). Prints JSON.
-Run: `.venv/bin/python benchmarks/bench_head.py`.
+download_weights). Prints JSON. `-S KEY=VALUE` (as `dvc exp run -S`, VALUE read as YAML)
+measures other params than params.yaml's without editing it, e.g. a candidate default:
+Run: `.venv/bin/python benchmarks/bench_head.py [-S head.learning_rate=5e-4 ...]`.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ import time
 import numpy as np
 
 from pipeline import catalog
+from pipeline.errors import UserError
 from pipeline.evaluation import wilson_interval
-from pipeline.params import Params, load_params
+from pipeline.params import PARAMS_FILE, Params, parse_params
 
 Splits = dict[str, tuple[np.ndarray, np.ndarray]]
 SPLITS = ("train", "validation", "test")
@@ -112,20 +114,47 @@ def compare(name: str, features: Splits, num_classes: int, params: Params, max_i
     }
 
 
+def params_with(overrides: list[str]) -> Params:
+    """params.yaml with each `KEY=VALUE` (a dotted key, a YAML value) set, then validated."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML(typ="safe", pure=True)
+    raw = yaml.load(PARAMS_FILE.read_text(encoding="utf-8"))
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        *sections, leaf = key.split(".")
+        node = raw
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if not sep or not isinstance(node, dict) or leaf not in node:
+            raise UserError(f"-S {override}: not KEY=VALUE with KEY a param of {PARAMS_FILE}")
+        node[leaf] = yaml.load(value)
+    return parse_params(raw, f"{PARAMS_FILE} with {' '.join(overrides)}" if overrides else str(PARAMS_FILE))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=64, help="photo size of the 10-class set")
     parser.add_argument("--per-class", type=int, nargs=3, default=[30, 15, 15], metavar=("TRAIN", "VAL", "TEST"))
     parser.add_argument("--max-iter", type=int, default=2000, help="LogisticRegression's iteration bound")
+    parser.add_argument("--sets", nargs="+", choices=("real", "ten_classes"), default=["real", "ten_classes"])
+    parser.add_argument("-S", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    params = load_params()
+    try:
+        params = params_with(args.overrides)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     from pipeline.stages.vgg_common import load_features
 
-    real, class_names = load_features("pooled")
-    results = [compare("real", real, len(class_names), params, args.max_iter)]
-    photos, names = ten_class_photos(dict(zip(SPLITS, args.per_class, strict=True)), args.size)
-    results.append(compare("ten_classes", pooled_features(photos, params), len(names), params, args.max_iter))
-    print(json.dumps(results, indent=2))
+    results = []
+    if "real" in args.sets:
+        real, class_names = load_features("pooled")
+        results.append(compare("real", real, len(class_names), params, args.max_iter))
+    if "ten_classes" in args.sets:
+        photos, names = ten_class_photos(dict(zip(SPLITS, args.per_class, strict=True)), args.size)
+        results.append(compare("ten_classes", pooled_features(photos, params), len(names), params, args.max_iter))
+    print(json.dumps({"overrides": args.overrides, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ experiment's training stage logs them (tag dvc.exp_name)."""
 from __future__ import annotations
 
 import shutil
+import sys
 
 import pytest
 
@@ -118,3 +119,98 @@ def test_the_report_draws_a_study_with_runs_and_says_not_run_for_one_without(pro
     assert any(text.endswith("not run yet: `pipeline study normalisation`.") for text in texts)
     assert any("The best test accuracy is dropout=0.5's." in text and "overlaps that of dropout=0.0" in text
                for text in texts)
+
+
+# ------------------------------------------------------------ benchmarks/ft_study.py (issue 15's grid)
+
+
+@pytest.fixture(scope="module")
+def ft_study():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ft_study", REPO / "benchmarks" / "ft_study.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ft_study"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_grid_queues_one_finetune_experiment_per_point_without_force(project, ft_study):
+    result = run_command([sys.executable, str(REPO / "benchmarks" / "ft_study.py"), "queue", "--dry-run"], cwd=project)
+    commands = [line[2:].split() for line in result.stdout.splitlines()]
+    assert len(commands) == 3 * 3 * 2 * 2
+    stamp = commands[0][6].split("-")[1]
+    assert commands[0] == ["dvc", "exp", "run", "--queue", "finetune", "-n", f"ftgrid-{stamp}-1",
+                           "-S", "features.augment_copies=0", "-S", "finetune.unfreeze=3",
+                           "-S", "finetune.learning_rate=2e-06", "-S", 'finetune.keep_by="val_loss"']
+    assert commands[-1][6:] == [f"ftgrid-{stamp}-36", "-S", "features.augment_copies=4", "-S", "finetune.unfreeze=1",
+                                "-S", "finetune.learning_rate=1e-05", "-S", 'finetune.keep_by="val_accuracy"']
+    # a value params.py refuses is one line, exit 2, nothing queued
+    result = run_command([sys.executable, str(REPO / "benchmarks" / "ft_study.py"), "queue", "--dry-run",
+                          "--keep-by", "val_f1"], cwd=project, check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: benchmarks/ft_study.py: study ftgrid: finetune.keep_by")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def fake_experiment(name, copies, unfreeze, rate, validation, test, kept, head_run, finetune_run, samples=500):
+    """One experiment as `dvc exp show --json` nests it: params.yaml and the metrics files."""
+    def accuracy(value):
+        return [value - 0.02, value + 0.01]
+
+    params = {"seed": 42, "features": {"augment_copies": copies, "mirror_train": True},
+              "finetune": {"unfreeze": unfreeze, "learning_rate": rate, "keep_by": "val_loss"}}
+    finetune = {"validation_accuracy": validation, "validation_accuracy_ci95": accuracy(validation),
+                "validation_samples": samples, "test_accuracy": test, "test_accuracy_ci95": accuracy(test),
+                "test_samples": 502, "kept_epoch": kept, "epochs": 3, "mlflow_run_id": finetune_run}
+    return {"rev": f"rev-{name}", "name": name, "error": None, "experiments": None, "data": {
+        "params": {"params.yaml": {"data": params}},
+        "metrics": {"metrics/finetune.json": {"data": finetune}, "metrics/head.json": {"data": {"mlflow_run_id": head_run}}}}}
+
+
+def extraction_run(ft_study, run_id, copies, unfreeze, seconds):
+    from pipeline.tracking import flatten
+
+    params = flatten({"seed": 42, "features": {"augment_copies": copies, "mirror_train": True},
+                      "finetune.unfreeze": unfreeze})
+    return ft_study.StageRun("extract_features", run_id, params, seconds)
+
+
+def test_the_table_reads_the_grid_points_and_picks_the_best_by_validation_the_cheaper_on_a_tie(ft_study):
+    keys = ["features.augment_copies", "finetune.unfreeze", "finetune.learning_rate", "finetune.keep_by"]
+    experiments = [
+        fake_experiment("ftgrid-20261203T090000-3", 0, 2, 1e-5, 0.972, 0.990, 2, "h0", "f3"),
+        fake_experiment("ftgrid-20261203T090000-1", 0, 3, 2e-6, 0.970, 0.974, 0, "h0", "f1"),
+        fake_experiment("ftgrid-20261203T090000-2", 0, 3, 1e-5, 0.972, 0.960, 1, "h0", "f2"),
+        fake_experiment("ftgrid-20261203T090000-10", 2, 3, 2e-6, 0.964, 0.974, 0, "h2", "f10"),
+        fake_experiment("my-exp", 0, 3, 1e-3, 0.999, 0.999, 1, "h0", "fx"),  # not a grid point
+    ]
+    failed = {"rev": "r", "name": "ftgrid-20261203T090000-4", "data": {"params": {}, "metrics": {}}}
+    shown = [{"rev": "workspace", "name": None, "data": {"params": {}}, "experiments": None},
+             {"rev": "abc", "name": "main", "data": {"params": {}}, "experiments": [
+                 {"name": e["name"], "executor": None, "revs": [e]} for e in [*experiments, failed]]}]
+    runs = [extraction_run(ft_study, "old", 0, 3, 999.0), extraction_run(ft_study, "e03", 0, 3, 500.0),
+            extraction_run(ft_study, "e02", 0, 2, 450.0), extraction_run(ft_study, "e23", 2, 3, 700.0),
+            *(ft_study.StageRun(stage, run_id, {}, seconds) for stage, run_id, seconds in [
+                ("train_head", "h0", 100.0), ("train_head", "h2", 120.0), ("finetune", "f1", 300.0),
+                ("finetune", "f2", 250.0), ("finetune", "f3", 240.0)])]  # f10's run is not in the store
+    points = ft_study.points(shown, keys, runs)
+    assert [p.name.rsplit("-", 1)[1] for p in points] == ["1", "2", "3", "10"]  # the grid's order
+    assert points[0].values == {"features.augment_copies": 0, "finetune.unfreeze": 3,
+                                "finetune.learning_rate": 2e-6, "finetune.keep_by": "val_loss"}
+    # the newest extraction with the point's params, its head, its fine-tuning
+    assert [p.seconds for p in points] == [500 + 100 + 300, 500 + 100 + 250, 450 + 100 + 240, None]
+    best = ft_study.best_by_validation(points)
+    assert best.name.endswith("-3")  # 486 of 500 right as -2, and cheaper: test accuracy plays no part
+    table = ft_study.markdown_table(points).splitlines()
+    assert table[0] == ("| augment_copies | unfreeze | learning_rate | keep_by | validation accuracy (500) | "
+                        "test accuracy | kept epoch / epochs | seconds | best by validation |")
+    assert table[2] == "| 0 | 3 | 2e-06 | val_loss | 0.970 [0.950, 0.980] | 0.974 [0.954, 0.984] | 0 / 3 | 900 |  |"
+    assert table[4].endswith("| 790 | **best** |") and table[5].endswith("| ? |  |")
+    assert table[-1].startswith("4 points. Best by validation: augment_copies=0, unfreeze=2, learning_rate=1e-05")
+    assert "a tie goes to the cheaper point" in table[-1]
+
+
+def test_the_table_of_no_finished_point_is_one_line(ft_study):
+    with pytest.raises(UserError, match=r"^no finished ftgrid-\* experiment: "):
+        ft_study.markdown_table(ft_study.points([], ["finetune.unfreeze"], []))
