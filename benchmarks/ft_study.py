@@ -123,7 +123,8 @@ class StageRun:
 
 def points(shown: Any, keys: list[str], runs: list[StageRun], prefix: str = PREFIX) -> list[Point]:
     """The finished grid points in `dvc exp show --json`'s output (`shown`), one per
-    experiment named `<prefix>-...` that wrote metrics/finetune.json, in the grid's order.
+    experiment named `<prefix>-...` that wrote metrics/finetune.json (the newest of a point
+    queued twice), in the grid's order.
     A point's seconds are those of the MLflow runs (`runs`, oldest first) that made its
     features (the newest extract_features run with its params), head and fine-tuned model
     (the run ids in their metrics files); None when one of them is not in `runs`."""
@@ -156,16 +157,28 @@ def points(shown: Any, keys: list[str], runs: list[StageRun], prefix: str = PREF
                 name=name,
                 values={key: _leaf(params, key) for key in keys},
                 validation_accuracy=float(finetune["validation_accuracy"]),
-                validation_ci95=tuple(finetune["validation_accuracy_ci95"]),
+                validation_ci95=_wilson(finetune, "validation"),
                 validation_samples=int(finetune["validation_samples"]),
                 test_accuracy=float(finetune["test_accuracy"]),
-                test_ci95=tuple(finetune["test_accuracy_ci95"]),
+                test_ci95=_wilson(finetune, "test"),
                 kept_epoch=finetune.get("kept_epoch"),
                 epochs=int(finetune.get("epochs", 0)),
                 seconds=None if None in made else round(sum(run.seconds for run in made if run), 1),
             )
         )
-    return sorted(found, key=lambda point: _index(point.name))
+    newest = {}  # a point queued again: its newest experiment
+    for point in sorted(found, key=lambda point: _index(point.name)):
+        newest[json.dumps(point.values, sort_keys=True)] = point
+    return sorted(newest.values(), key=lambda point: _index(point.name))
+
+
+def _wilson(metrics: dict, split: str) -> tuple[float, float]:
+    """The 95% Wilson interval of `<split>_accuracy`, as the stage computed it (`dvc exp show`
+    leaves the metrics files' lists out, so the interval is computed again from the counts)."""
+    from pipeline.evaluation import wilson_interval
+
+    samples = int(metrics[f"{split}_samples"])
+    return tuple(wilson_interval(round(float(metrics[f"{split}_accuracy"]) * samples), samples))
 
 
 def _index(name: str) -> tuple[str, int]:

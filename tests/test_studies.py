@@ -154,15 +154,12 @@ def test_the_grid_queues_one_finetune_experiment_per_point_without_force(project
 
 
 def fake_experiment(name, copies, unfreeze, rate, validation, test, kept, head_run, finetune_run, samples=500):
-    """One experiment as `dvc exp show --json` nests it: params.yaml and the metrics files."""
-    def accuracy(value):
-        return [value - 0.02, value + 0.01]
-
+    """One experiment as `dvc exp show --json` nests it: params.yaml and the metrics files'
+    numbers (DVC leaves their lists, the intervals, out)."""
     params = {"seed": 42, "features": {"augment_copies": copies, "mirror_train": True},
               "finetune": {"unfreeze": unfreeze, "learning_rate": rate, "keep_by": "val_loss"}}
-    finetune = {"validation_accuracy": validation, "validation_accuracy_ci95": accuracy(validation),
-                "validation_samples": samples, "test_accuracy": test, "test_accuracy_ci95": accuracy(test),
-                "test_samples": 502, "kept_epoch": kept, "epochs": 3, "mlflow_run_id": finetune_run}
+    finetune = {"validation_accuracy": validation, "validation_samples": samples, "test_accuracy": test,
+                "test_samples": 502, "kept_epoch": kept, "epochs": 3, "mlflow_run_id": finetune_run}  # no lists
     return {"rev": f"rev-{name}", "name": name, "error": None, "experiments": None, "data": {
         "params": {"params.yaml": {"data": params}},
         "metrics": {"metrics/finetune.json": {"data": finetune}, "metrics/head.json": {"data": {"mlflow_run_id": head_run}}}}}
@@ -177,12 +174,15 @@ def extraction_run(ft_study, run_id, copies, unfreeze, seconds):
 
 
 def test_the_table_reads_the_grid_points_and_picks_the_best_by_validation_the_cheaper_on_a_tie(ft_study):
+    from pipeline.evaluation import wilson_interval
+
     keys = ["features.augment_copies", "finetune.unfreeze", "finetune.learning_rate", "finetune.keep_by"]
     experiments = [
         fake_experiment("ftgrid-20261203T090000-3", 0, 2, 1e-5, 0.972, 0.990, 2, "h0", "f3"),
         fake_experiment("ftgrid-20261203T090000-1", 0, 3, 2e-6, 0.970, 0.974, 0, "h0", "f1"),
         fake_experiment("ftgrid-20261203T090000-2", 0, 3, 1e-5, 0.972, 0.960, 1, "h0", "f2"),
         fake_experiment("ftgrid-20261203T090000-10", 2, 3, 2e-6, 0.964, 0.974, 0, "h2", "f10"),
+        fake_experiment("ftgrid-20261203T080000-1", 0, 3, 2e-6, 0.5, 0.5, 0, "h0", "f0"),  # queued again later
         fake_experiment("my-exp", 0, 3, 1e-3, 0.999, 0.999, 1, "h0", "fx"),  # not a grid point
     ]
     failed = {"rev": "r", "name": "ftgrid-20261203T090000-4", "data": {"params": {}, "metrics": {}}}
@@ -195,7 +195,7 @@ def test_the_table_reads_the_grid_points_and_picks_the_best_by_validation_the_ch
                 ("train_head", "h0", 100.0), ("train_head", "h2", 120.0), ("finetune", "f1", 300.0),
                 ("finetune", "f2", 250.0), ("finetune", "f3", 240.0)])]  # f10's run is not in the store
     points = ft_study.points(shown, keys, runs)
-    assert [p.name.rsplit("-", 1)[1] for p in points] == ["1", "2", "3", "10"]  # the grid's order
+    assert [p.name.split("-", 1)[1] for p in points] == [f"20261203T090000-{n}" for n in (1, 2, 3, 10)]
     assert points[0].values == {"features.augment_copies": 0, "finetune.unfreeze": 3,
                                 "finetune.learning_rate": 2e-6, "finetune.keep_by": "val_loss"}
     # the newest extraction with the point's params, its head, its fine-tuning
@@ -205,7 +205,10 @@ def test_the_table_reads_the_grid_points_and_picks_the_best_by_validation_the_ch
     table = ft_study.markdown_table(points).splitlines()
     assert table[0] == ("| augment_copies | unfreeze | learning_rate | keep_by | validation accuracy (500) | "
                         "test accuracy | kept epoch / epochs | seconds | best by validation |")
-    assert table[2] == "| 0 | 3 | 2e-06 | val_loss | 0.970 [0.950, 0.980] | 0.974 [0.954, 0.984] | 0 / 3 | 900 |  |"
+    validation, test = wilson_interval(485, 500), wilson_interval(489, 502)  # as the stage computes them
+    assert points[0].validation_ci95 == pytest.approx(validation) and points[0].test_ci95 == pytest.approx(test)
+    assert table[2] == (f"| 0 | 3 | 2e-06 | val_loss | 0.970 [{validation[0]:.3f}, {validation[1]:.3f}] | "
+                        f"0.974 [{test[0]:.3f}, {test[1]:.3f}] | 0 / 3 | 900 |  |")
     assert table[4].endswith("| 790 | **best** |") and table[5].endswith("| ? |  |")
     assert table[-1].startswith("4 points. Best by validation: augment_copies=0, unfreeze=2, learning_rate=1e-05")
     assert "a tie goes to the cheaper point" in table[-1]

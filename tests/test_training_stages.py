@@ -133,3 +133,16 @@ def test_scratch_convnet_trains_on_raw_photos_and_refuses_a_size_it_cannot_take(
     raw["scratch"].update(size=16)
     with pytest.raises(UserError, match="scratch.size"):
         build_scratch_convnet((SIZE, SIZE, 3), 2, parse_params(raw).scratch)
+
+
+def test_read_tensor_gives_the_npy_files_array_bit_for_bit(tmp_path):
+    from pipeline.stages.vgg_common import read_tensor
+
+    array = np.random.default_rng(0).standard_normal((5, 3, 3, 4)).astype(np.float32)
+    np.save(tmp_path / "a.npy", array)
+    tensor = read_tensor(tmp_path / "a.npy")
+    assert tensor.dtype.name == "float32" and tuple(tensor.shape) == array.shape
+    assert tensor.numpy().tobytes() == array.tobytes()
+    np.save(tmp_path / "f.npy", np.asfortranarray(array))
+    with pytest.raises(ValueError, match="not a C-ordered array"):
+        read_tensor(tmp_path / "f.npy")

@@ -89,11 +89,14 @@ def run(params_file: Path) -> None:
     from pipeline.tracking import tracked
 
     distribution = start_training(params, *catalog.upstream(STAGE))
-    features, class_names = load_features("frozen")
+    features, class_names = load_features("frozen", tensors=True)
+    # The photos train only with augment; else the test ones give the figures and the example.
     with np.load(catalog.IMAGES) as data:
-        photos = {split: (data[f"x_{split}"], data[f"y_{split}"]) for split in ("train", "validation", "test")}
+        splits = ("train", "validation", "test") if params.finetune.augment else ("test",)
+        photos = {split: (data[f"x_{split}"], data[f"y_{split}"]) for split in splits}
     with tracked(STAGE, params) as run:
         trained = finetune(HEAD_MODEL, features, photos, len(class_names), params, distribution, run)
+        del features  # hundreds of MB the rest of the stage does not need
         test_photos = photos["test"][0]
         figures = vgg_figures(trained.to_save, test_photos[0], ("block5_conv1", "block5_conv3"))
         publish_training(run, trained, figures=figures, example=test_photos[:2])
