@@ -187,7 +187,7 @@ def check_raw_sample(
         return checked, 0.0
     started = time.perf_counter()
     whole = predict_together([logit_model(models[name])[0] for name in names], photos.images[chosen], p.batch_size)
-    seconds = time.perf_counter() - started
+    seconds = round(time.perf_counter() - started, 3)
     for name, raw in zip(names, whole):
         difference = max_relative_difference(raw, outputs[name][0][chosen])
         if not difference <= p.raw_rtol:
