@@ -252,7 +252,8 @@ def results_section(models: Sequence[ModelResult], paired: dict[str, dict], regi
         Text(
             "Each model is scored once on its own held-out test split, which no training step "
             "saw: the baseline on the MNIST test digits, both VGG16 models on the test photos "
-            "(raw photos into the saved model, as a user would call it)."
+            "(from the frozen layers' cached activations; a seeded sample of raw photos also goes "
+            "through each saved model, which must give the same outputs: evaluate.raw_sample)."
         ),
         Table(results_table(models), name="results"),
     ]
