@@ -99,12 +99,17 @@ def load_test_sets() -> dict[Path, LabelledImages]:
     return {MNIST: digits, IMAGES: photos}
 
 
+# The VGG16 models, scored on extract_features' cached test activations.
+CACHED_MODELS = ("feature_extraction", "fine_tuning")
+
+
 def cached_inputs(unfreeze: int) -> dict[str, tuple[Path, int]]:
     """{VGG16 model: (its cached test activations, how many of its top conv layers run on them)}:
     the head reads block5_pool's output, the fine-tuned model the last frozen layer's."""
+    feature_extraction, fine_tuning = CACHED_MODELS
     return {
-        "feature_extraction": (FEATURES / "test_pooled.npy", 0),
-        "fine_tuning": (FEATURES / "test_frozen.npy", unfreeze),
+        feature_extraction: (FEATURES / "test_pooled.npy", 0),
+        fine_tuning: (FEATURES / "test_frozen.npy", unfreeze),
     }
 
 
@@ -180,7 +185,7 @@ def check_raw_sample(
     from pipeline.evaluation import max_relative_difference, stratified_sample
     from pipeline.models.inference import logit_model, predict_together
 
-    names = list(cached_inputs(0))
+    names = list(CACHED_MODELS)
     chosen = stratified_sample(photos.labels, p.raw_sample, seed)
     checked: dict = {"photos": len(chosen), "max_relative_difference": {}}
     if not len(chosen):
