@@ -1,4 +1,4 @@
-"""The `pipeline` command: one sub-command per DVC stage, plus `compare`, `study` and `predict`.
+"""The `pipeline` command: one sub-command per DVC stage, plus `compare`, `study`, `predict` and `ui`.
 
 This module only parses and dispatches; each stage lives in pipeline/stages/. Errors a user
 can fix (bad params, a corrupt download, a missing upstream output) end in one line on
@@ -158,6 +158,30 @@ def predict_files(
     out, err = predict(paths, reference, output_format.value, settings.predict)
     typer.echo(out, nl=False)
     typer.echo(err, nl=False, err=True)
+
+
+
+@app.command("ui")
+def ui(
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to serve on.")] = 5000,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    experiment: Annotated[Optional[str], typer.Option(
+        "--experiment", "-e", metavar="NAME",
+        help="MLflow experiment (default: mlflow.experiment in --params).")] = None,
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """MLflow's UI on the project's store: prints the address of the experiment's training runs, then serves.
+
+    MLflow 3.17 opens a new browser in its GenAI view whatever the experiment's kind; the
+    printed address opens the runs table (Dataset and Models columns) in the model-training
+    view. With MLFLOW_TRACKING_URI set to a server, prints that server's address and exits.
+
+    Example: pipeline ui --port 5001
+    """
+    from pipeline.compare import default_experiment
+    from pipeline.ui import serve
+
+    serve(experiment or default_experiment(params), host, port)
 
 
 # fmt: on

@@ -33,8 +33,9 @@ if TYPE_CHECKING:
     from pipeline.params import Params
 
 
-# MLflow's UI opens an experiment in the view its kind names; without the tag it guesses the
-# GenAI view (traces, token usage), and our runs are a click away. Ours trains models.
+# MLflow's mark of a model-training experiment (ours trains models). MLflow 3.17's UI takes
+# the view from its per-browser "GenAI | Model training" switch instead; `pipeline ui` prints
+# the address that opens the training runs (pipeline/ui.py says why).
 EXPERIMENT_KIND = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
 EXPERIMENT_TAGS = {EXPERIMENT_KIND: MODEL_TRAINING}

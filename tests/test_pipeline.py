@@ -194,7 +194,7 @@ def test_runs_are_tracked_in_the_embedded_store(project):
 
 
 # Commands of the README that cannot run in a test, each marked there with its reason.
-README_SKIPS = {"make test", "mlflow ui", "block: needs a PostgreSQL server", "block: a team's shared storage",
+README_SKIPS = {"make test", "pipeline ui", "block: needs a PostgreSQL server", "block: a team's shared storage",
                 "block: several machines", "pipeline predict my_digit.jpg", "block: a model server",
                 "block: the full grid", "block: each study trains"}
 
