@@ -11,9 +11,10 @@ and metrics/head.json, metrics/finetune.json, so a point that DVC restored from 
 still has its scores) and the wall time of the MLflow runs that computed each stage, and
 prints a Markdown table: validation and test accuracy of the fine-tuned model with 95%
 Wilson intervals, the kept epoch (0: the head's weights were kept) and the seconds of
-extract_features + train_head + finetune. The best point is picked BY VALIDATION only:
-the most validation photos right; a tie goes to the cheaper point (fewer seconds), then
-to the earlier one in the grid.
+extract_features + train_head + finetune, beside the test accuracy of the head it started
+from. The best point is picked BY VALIDATION only, among the points within `--budget`
+seconds: the most validation photos right; a tie goes to the cheaper point (fewer
+seconds), then to the earlier one in the grid.
 
 Run: `.venv/bin/python benchmarks/ft_study.py queue [--dry-run]`, then
 `.venv/bin/python benchmarks/ft_study.py table`.
@@ -74,6 +75,7 @@ class Point:
     test_ci95: tuple[float, float]
     kept_epoch: int | None
     epochs: int
+    head_test_accuracy: float | None  # the head it started from (feature extraction)
     seconds: float | None  # extract_features + train_head + finetune; None if a run is missing
 
     @property
@@ -149,7 +151,8 @@ def points(shown: Any, keys: list[str], runs: list[StageRun], prefix: str = PREF
             for run in runs
             if run.stage == "extract_features" and all(run.params.get(k) == v for k, v in made_features.items())
         ]
-        head = by_id.get(_file_data(data, "metrics", "metrics/head.json").get("mlflow_run_id", ""))
+        head_metrics = _file_data(data, "metrics", "metrics/head.json")
+        head = by_id.get(head_metrics.get("mlflow_run_id", ""))
         tuned = by_id.get(finetune.get("mlflow_run_id", ""))
         made = [extraction[-1] if extraction else None, head, tuned]
         found.append(
@@ -163,6 +166,7 @@ def points(shown: Any, keys: list[str], runs: list[StageRun], prefix: str = PREF
                 test_ci95=_wilson(finetune, "test"),
                 kept_epoch=finetune.get("kept_epoch"),
                 epochs=int(finetune.get("epochs", 0)),
+                head_test_accuracy=head_metrics.get("test_accuracy"),
                 seconds=None if None in made else round(sum(run.seconds for run in made if run), 1),
             )
         )
@@ -186,20 +190,35 @@ def _index(name: str) -> tuple[str, int]:
     return (stamp, int(index)) if index.isdigit() else (name, 0)
 
 
-def best_by_validation(found: list[Point]) -> Point:
-    """The most validation photos right; a tie to the cheaper point, then the earlier one."""
+def within(point: Point, budget: float | None) -> bool:
+    """Whether the point's seconds are known and within `budget` (None: no budget)."""
+    return budget is None or (point.seconds is not None and point.seconds <= budget)
+
+
+def best_by_validation(found: list[Point], budget: float | None = None) -> Point | None:
+    """Among the points within the budget: the most validation photos right; a tie to the
+    cheaper point, then the earlier one. None when no point is within the budget."""
+    candidates = [point for point in found if within(point, budget)]
+    if not candidates:
+        return None
     return min(
-        found,
+        candidates,
         key=lambda p: (-p.validation_correct, p.seconds if p.seconds is not None else float("inf"), _index(p.name)),
     )
 
 
-def markdown_table(found: list[Point]) -> str:
-    """The grid as a Markdown table, the best point by validation marked, and the tie rule."""
+def markdown_table(found: list[Point], budget: float | None = None) -> str:
+    """The grid as a Markdown table, the best point by validation within the budget (seconds
+    of extract_features + train_head + finetune) marked, points over it marked, and the rule."""
     if not found:
         raise UserError(f"no finished {PREFIX}-* experiment: `benchmarks/ft_study.py queue`, then `dvc queue start`")
     keys = list(found[0].values)
-    best = best_by_validation(found)
+    best = best_by_validation(found, budget)
+
+    def mark(point: Point) -> str:
+        if point is best:
+            return "**best**"
+        return "" if within(point, budget) else "over budget"
 
     def interval(accuracy: float, ci95: tuple[float, float]) -> str:
         return f"{accuracy:.3f} [{ci95[0]:.3f}, {ci95[1]:.3f}]"
@@ -208,6 +227,7 @@ def markdown_table(found: list[Point]) -> str:
         *(key.split(".")[-1] for key in keys),
         f"validation accuracy ({found[0].validation_samples})",
         "test accuracy",
+        "head's test accuracy",
         "kept epoch / epochs",
         "seconds",
         "best by validation",
@@ -218,16 +238,23 @@ def markdown_table(found: list[Point]) -> str:
             *(str(point.values[key]) for key in keys),
             interval(point.validation_accuracy, point.validation_ci95),
             interval(point.test_accuracy, point.test_ci95),
+            "?" if point.head_test_accuracy is None else f"{point.head_test_accuracy:.3f}",
             f"{point.kept_epoch} / {point.epochs}",
             "?" if point.seconds is None else f"{point.seconds:.0f}",
-            "**best**" if point is best else "",
+            mark(point),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    rule = "a tie goes to the cheaper point, then the earlier one"
+    if budget is not None:
+        rule += f"; only points within the budget of {budget:.0f} s count"
+    if best is None:
+        lines += ["", f"{len(found)} points. No point is within the budget of {budget:.0f} s."]
+        return "\n".join(lines)
     label = ", ".join(f"{key.split('.')[-1]}={best.values[key]}" for key in keys)
     lines += [
         "",
         f"{len(found)} points. Best by validation: {label} ({best.validation_correct} of "
-        f"{best.validation_samples} validation photos right); a tie goes to the cheaper point, then the earlier one.",
+        f"{best.validation_samples} validation photos right); {rule}.",
     ]
     return "\n".join(lines)
 
@@ -265,7 +292,13 @@ def main() -> None:
     queue.add_argument("--learning-rate", type=float, nargs="+", default=[2e-6, 1e-5])
     queue.add_argument("--keep-by", nargs="+", default=["val_loss", "val_accuracy"])
     queue.add_argument("--dry-run", action="store_true", help="print the commands, queue nothing")
-    commands.add_parser("table", help="the finished points as a Markdown table")
+    table = commands.add_parser("table", help="the finished points as a Markdown table")
+    table.add_argument(
+        "--budget",
+        type=float,
+        metavar="SECONDS",
+        help="extract_features + train_head + finetune seconds a point may take to be chosen",
+    )
     args = parser.parse_args()
     try:
         if args.command == "queue":
@@ -278,7 +311,7 @@ def main() -> None:
         else:
             shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], check=True, capture_output=True).stdout)
             keys = list(grid(parser.parse_args(["queue"])).params)
-            print(markdown_table(points(shown, keys, stage_runs())))
+            print(markdown_table(points(shown, keys, stage_runs()), args.budget))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -162,7 +162,7 @@ def fake_experiment(name, copies, unfreeze, rate, validation, test, kept, head_r
                 "test_samples": 502, "kept_epoch": kept, "epochs": 3, "mlflow_run_id": finetune_run}  # no lists
     return {"rev": f"rev-{name}", "name": name, "error": None, "experiments": None, "data": {
         "params": {"params.yaml": {"data": params}},
-        "metrics": {"metrics/finetune.json": {"data": finetune}, "metrics/head.json": {"data": {"mlflow_run_id": head_run}}}}}
+        "metrics": {"metrics/finetune.json": {"data": finetune}, "metrics/head.json": {"data": {"mlflow_run_id": head_run, "test_accuracy": 0.97}}}}}
 
 
 def extraction_run(ft_study, run_id, copies, unfreeze, seconds):
@@ -204,14 +204,22 @@ def test_the_table_reads_the_grid_points_and_picks_the_best_by_validation_the_ch
     assert best.name.endswith("-3")  # 486 of 500 right as -2, and cheaper: test accuracy plays no part
     table = ft_study.markdown_table(points).splitlines()
     assert table[0] == ("| augment_copies | unfreeze | learning_rate | keep_by | validation accuracy (500) | "
-                        "test accuracy | kept epoch / epochs | seconds | best by validation |")
+                        "test accuracy | head's test accuracy | kept epoch / epochs | seconds | best by validation |")
     validation, test = wilson_interval(485, 500), wilson_interval(489, 502)  # as the stage computes them
     assert points[0].validation_ci95 == pytest.approx(validation) and points[0].test_ci95 == pytest.approx(test)
     assert table[2] == (f"| 0 | 3 | 2e-06 | val_loss | 0.970 [{validation[0]:.3f}, {validation[1]:.3f}] | "
-                        f"0.974 [{test[0]:.3f}, {test[1]:.3f}] | 0 / 3 | 900 |  |")
+                        f"0.974 [{test[0]:.3f}, {test[1]:.3f}] | 0.970 | 0 / 3 | 900 |  |")
     assert table[4].endswith("| 790 | **best** |") and table[5].endswith("| ? |  |")
     assert table[-1].startswith("4 points. Best by validation: augment_copies=0, unfreeze=2, learning_rate=1e-05")
     assert "a tie goes to the cheaper point" in table[-1]
+
+    # Within a budget of 800 s only -3 (790 s) counts: -1 (900 s), -2 (850 s) and -10 (seconds
+    # unknown) are marked over it. Within 700 s none counts, and the table says so.
+    within = ft_study.markdown_table(points, budget=800).splitlines()
+    assert within[4].endswith("| 790 | **best** |") and within[2].endswith("| 900 | over budget |")
+    assert within[3].endswith("| 850 | over budget |") and within[5].endswith("| ? | over budget |")
+    assert within[-1].endswith("only points within the budget of 800 s count.")
+    assert ft_study.markdown_table(points, budget=700).splitlines()[-1] == "4 points. No point is within the budget of 700 s."
 
 
 def test_the_table_of_no_finished_point_is_one_line(ft_study):
