@@ -247,7 +247,7 @@ def stage_run(
         raise
     else:
         with signals_deferred():
-            mlflow.log_metric("process_seconds", round(process_seconds(), 2))
+            mlflow.log_metrics({"process_seconds": round(process_seconds(), 2), "peak_rss_mib": peak_rss_mib()})
             mlflow.end_run("FINISHED")
 
 
@@ -305,6 +305,13 @@ def process_seconds() -> float:
     import psutil
 
     return time.time() - psutil.Process().create_time()
+
+
+def peak_rss_mib() -> float:
+    """The most memory this process has held resident so far, in MiB (the kernel's high-water mark)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux counts kB
 
 
 def end_orphaned_runs(experiment_name: str) -> None:

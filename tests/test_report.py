@@ -92,6 +92,7 @@ def test_best_runs_table_names_the_params_that_differ():
         "tags.dvc.exp_name": ["old-exp", None, None],
         "metrics.test_accuracy": [0.99, 0.97, None],
         "metrics.process_seconds": [41.26, 400.0, None],
+        "metrics.peak_rss_mib": [1843.6, 900.0, None],
         "params.baseline.dropout": ["0.25", "0.5", "0.5"],
         "params.seed": ["42", "42", "42"],
     })
@@ -104,7 +105,7 @@ def test_best_runs_table_names_the_params_that_differ():
     timings = timings_table(runs, ["train_baseline"], {"train_baseline": "a" * 32})
     assert timings.to_dict("records") == [
         {"stage": "train_baseline", "run": "aaaaaaaa", "status": "FINISHED", "started": "2026-01-01 00:00:00", "seconds": 30.0,
-         "process seconds": 41.3}
+         "process seconds": 41.3, "peak RSS MiB": 1844.0}
     ]
 
 
@@ -277,7 +278,8 @@ def test_report_html_renders_in_headless_chromium(reported):
 
 
 def test_every_stage_run_records_its_process_time(reported):
-    """process_seconds (the stage's whole cost, imports included) is logged on success."""
+    """process_seconds (the stage's whole cost, imports included) and the process's peak
+    resident memory are logged on success."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{reported / 'mlflow.db'}")
@@ -287,6 +289,7 @@ def test_every_stage_run_records_its_process_time(reported):
     for run in runs:
         wall = (run.info.end_time - run.info.start_time) / 1000
         assert run.data.metrics["process_seconds"] >= wall > 0
+        assert 50 < run.data.metrics["peak_rss_mib"] < 8192  # a Python process with pandas, not kB or bytes
 
 
 @pytest.mark.parametrize("kept, keep_by, says", [

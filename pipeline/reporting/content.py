@@ -734,7 +734,8 @@ def timings_section(timings: pd.DataFrame, visualize_seconds: dict[str, float]) 
         Text(
             "How long each stage took: `seconds` is its MLflow run's wall time (the stage's work), "
             "`process seconds` runs from the start of the stage's process (TensorFlow's and "
-            "MLflow's imports included) to the run's end. The run is the one named in the "
+            "MLflow's imports included) to the run's end, `peak RSS MiB` is the most memory "
+            "that process held resident. The run is the one named in the "
             "stage's metrics file, else the stage's newest finished run (a stage that DVC found "
             "up to date shows the run that last produced its outputs)."
         ),
@@ -746,6 +747,9 @@ def timings_section(timings: pd.DataFrame, visualize_seconds: dict[str, float]) 
         together = f"{timings['seconds'].sum():.0f} s"
         if timings["process seconds"].notna().all():
             together += f" ({timings['process seconds'].sum():.0f} s of processes)"
+        if timings["peak RSS MiB"].notna().any():
+            top = timings.loc[timings["peak RSS MiB"].idxmax()]
+            together += f"; the most memory, {top['peak RSS MiB']:.0f} MiB, in {top['stage']}"
         blocks.append(Text(f"Together: {together} over {len(timings)} stages, before this report."))
     if visualize_seconds:
         parts = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in visualize_seconds.items())
