@@ -310,8 +310,16 @@ def main() -> None:
                     subprocess.run(command, check=True)
         else:
             shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], check=True, capture_output=True).stdout)
-            keys = list(grid(parser.parse_args(["queue"])).params)
-            print(markdown_table(points(shown, keys, stage_runs()), args.budget))
+            full = grid(parser.parse_args(["queue"])).params
+            keys = list(full)
+            found = points(shown, keys, stage_runs())
+            # Rows in the grid's order, whatever order the slices were queued in.
+            found.sort(
+                key=lambda p: tuple(
+                    full[k].index(p.values[k]) if p.values[k] in full[k] else len(full[k]) for k in keys
+                )
+            )
+            print(markdown_table(found, args.budget))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
