@@ -116,7 +116,8 @@ def test_photos_weights_features_and_vgg_models(project):
         assert data["x_train"].shape == (4, 32, 32, 3) and data["x_train"].dtype == np.uint8
         assert list(data["class_names"]) == ["Cat", "Dog"]
     frozen = np.load(root / "data/features/train_frozen.npy")
-    # block4_pool of a 32 px photo (finetune.unfreeze: 3), for the 4 training photos and,
+    # the last frozen layer's output of a 32 px photo (block5_conv2 with the shipped
+    # finetune.unfreeze: 1, block4_pool with 3: both 2x2x512), for the 4 training photos and,
     # with features.mirror_train, their 4 mirror images after them
     assert frozen.shape == (8, 2, 2, 512)
     labels = np.load(root / "data/features/train_labels.npy")
