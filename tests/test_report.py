@@ -292,19 +292,20 @@ def test_every_stage_run_records_its_process_time(reported):
         assert 50 < run.data.metrics["peak_rss_mib"] < 8192  # a Python process with pandas, not kB or bytes
 
 
-@pytest.mark.parametrize("kept, keep_by, says", [
-    (0, "val_loss", "Fine-tuning changed nothing: no epoch beat the trained head on validation loss"),
-    (0, "val_accuracy", "no epoch beat the trained head on validation accuracy, so it kept the head's weights"),
-    (3, "val_accuracy", "Fine-tuning trained the top 2 conv layers with the head and kept epoch 3 (the best validation accuracy)"),
+@pytest.mark.parametrize("kept, keep_by, unfreeze, says", [
+    (0, "val_loss", 2, "Fine-tuning changed nothing: no epoch beat the trained head on validation loss"),
+    (0, "val_accuracy", 2, "no epoch beat the trained head on validation accuracy, so it kept the head's weights"),
+    (3, "val_accuracy", 2, "Fine-tuning trained the top 2 conv layers with the head and kept epoch 3 (the best validation accuracy)"),
+    (2, "val_accuracy", 1, "Fine-tuning trained the top conv layer with the head and kept epoch 2 (the best validation accuracy)"),
 ])
-def test_transfer_sentence_says_what_fine_tuning_did(kept, keep_by, says):
+def test_transfer_sentence_says_what_fine_tuning_did(kept, keep_by, unfreeze, says):
     from dataclasses import replace
 
     from pipeline.reporting.content import transfer_sentence
 
     features = model_result("feature_extraction", 88, 100)
     fine = replace(model_result("fine_tuning", 88, 100), training={"epochs": 4, "kept_epoch": kept},
-                   key_params={"unfreeze": 2, "kept by": keep_by})
+                   key_params={"unfreeze": unfreeze, "kept by": keep_by})
     paired = {"fine_tuning_vs_feature_extraction": {"p_value": 1.0, "only_fine_tuning_right": 0,
                                                    "only_feature_extraction_right": 0}}
     sentence = transfer_sentence([features, fine], paired)

@@ -214,8 +214,10 @@ def transfer_sentence(models: Sequence[ModelResult], paired: dict[str, dict]) ->
             "kept the head's weights and the two models are the same network. "
         )
     elif after.training.get("kept_epoch"):
+        unfreeze = after.key_params.get("unfreeze", "?")
+        layers = "conv layer" if str(unfreeze) == "1" else f"{unfreeze} conv layers"
         did = (
-            f"Fine-tuning trained the top {after.key_params.get('unfreeze', '?')} conv layers with the head "
+            f"Fine-tuning trained the top {layers} with the head "
             f"and kept epoch {after.training['kept_epoch']} (the best {criterion(after)}). "
         )
     return did + (
