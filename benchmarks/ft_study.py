@@ -126,7 +126,7 @@ class StageRun:
 def points(shown: Any, keys: list[str], runs: list[StageRun], prefix: str = PREFIX) -> list[Point]:
     """The finished grid points in `dvc exp show --json`'s output (`shown`), one per
     experiment named `<prefix>-...` that wrote metrics/finetune.json (the newest of a point
-    queued twice), in the grid's order.
+    queued twice), in the order they were queued (`in_grid_order` sorts them by the grid).
     A point's seconds are those of the MLflow runs (`runs`, oldest first) that made its
     features (the newest extract_features run with its params), head and fine-tuned model
     (the run ids in their metrics files); None when one of them is not in `runs`."""
@@ -174,6 +174,19 @@ def points(shown: Any, keys: list[str], runs: list[StageRun], prefix: str = PREF
     for point in sorted(found, key=lambda point: _index(point.name)):
         newest[json.dumps(point.values, sort_keys=True)] = point
     return sorted(newest.values(), key=lambda point: _index(point.name))
+
+
+def in_grid_order(found: list[Point], grid_values: dict[str, list]) -> list[Point]:
+    """The points in the grid's order (its first key slowest), whatever order their slices were
+    queued in; a value outside the grid sorts last."""
+
+    def position(point: Point) -> tuple[int, ...]:
+        return tuple(
+            values.index(point.values[key]) if point.values[key] in values else len(values)
+            for key, values in grid_values.items()
+        )
+
+    return sorted(found, key=position)
 
 
 def _wilson(metrics: dict, split: str) -> tuple[float, float]:
@@ -311,14 +324,7 @@ def main() -> None:
         else:
             shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], check=True, capture_output=True).stdout)
             full = grid(parser.parse_args(["queue"])).params
-            keys = list(full)
-            found = points(shown, keys, stage_runs())
-            # Rows in the grid's order, whatever order the slices were queued in.
-            found.sort(
-                key=lambda p: tuple(
-                    full[k].index(p.values[k]) if p.values[k] in full[k] else len(full[k]) for k in keys
-                )
-            )
+            found = in_grid_order(points(shown, list(full), stage_runs()), full)
             print(markdown_table(found, args.budget))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

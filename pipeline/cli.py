@@ -160,7 +160,6 @@ def predict_files(
     typer.echo(err, nl=False, err=True)
 
 
-
 @app.command("ui")
 def ui(
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to serve on.")] = 5000,
