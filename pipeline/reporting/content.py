@@ -749,10 +749,11 @@ def timings_section(timings: pd.DataFrame, visualize_seconds: dict[str, float]) 
         together = f"{timings['seconds'].sum():.0f} s"
         if timings["process seconds"].notna().all():
             together += f" ({timings['process seconds'].sum():.0f} s of processes)"
+        together += f" over {len(timings)} stages, before this report"
         if timings["peak RSS MiB"].notna().any():
             top = timings.loc[timings["peak RSS MiB"].idxmax()]
             together += f"; the most memory, {top['peak RSS MiB']:.0f} MiB, in {top['stage']}"
-        blocks.append(Text(f"Together: {together} over {len(timings)} stages, before this report."))
+        blocks.append(Text(f"Together: {together}."))
     if visualize_seconds:
         parts = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in visualize_seconds.items())
         blocks.append(Text(f"This report's own filter pictures took: {parts}."))
