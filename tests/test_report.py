@@ -118,12 +118,15 @@ def model_result(name: str, right: int, samples: int, per_class: dict | None = N
     return ModelResult(name, name.replace("_", " "), "test photos", {}, evaluation, per_class or {}, {}, "")
 
 
-@pytest.mark.parametrize("only_fine, only_features, verdict", [
-    (3, 3, "no measurable difference (p = 1.0, 12 vs 12 errors, 6 discordant)"),
-    (9, 1, "fine-tuning is better (p = 0.021, 4 vs 12 errors, 10 discordant)"),  # 2 * 11/1024
-    (1, 9, "fine-tuning is worse (p = 0.021, 20 vs 12 errors, 10 discordant)"),
+@pytest.mark.parametrize("only_fine, only_features, verdict, plainly", [
+    (3, 3, "no measurable difference (p = 1.0, 12 vs 12 errors, 6 discordant)",
+     "did not earn its place here: it did not beat feature extraction"),
+    (9, 1, "fine-tuning is better (p = 0.021, 4 vs 12 errors, 10 discordant)",  # 2 * 11/1024
+     "earned its place here: it beat feature extraction"),
+    (1, 9, "fine-tuning is worse (p = 0.021, 20 vs 12 errors, 10 discordant)",
+     "did not earn its place here: feature extraction is better"),
 ])
-def test_transfer_sentence_states_the_paired_test_in_words(only_fine, only_features, verdict):
+def test_transfer_sentence_states_the_paired_test_in_words(only_fine, only_features, verdict, plainly):
     from pipeline.evaluation import mcnemar_exact
     from pipeline.reporting.content import transfer_sentence
 
@@ -134,6 +137,7 @@ def test_transfer_sentence_states_the_paired_test_in_words(only_fine, only_featu
                                                    "only_feature_extraction_right": only_features}}
     sentence = transfer_sentence([features, fine], paired)
     assert sentence is not None and f"test photos: {verdict};" in sentence
+    assert sentence.endswith(f"So fine-tuning {plainly} on the test photos.")
     assert transfer_sentence([features, fine], {}) is None  # no paired test, no claim
 
 

@@ -226,8 +226,17 @@ def transfer_sentence(models: Sequence[ModelResult], paired: dict[str, dict]) ->
         f"{only_after + only_before} discordant); test accuracy {percent(before.evaluation['test_accuracy'])} "
         f"-> {percent(after.evaluation['test_accuracy'])} ({change:+.1f} points). The p-value is "
         f"McNemar's exact test on the discordant photos, those only one of the two got right "
-        f"({only_after} only fine-tuning, {only_before} only feature extraction)."
+        f"({only_after} only fine-tuning, {only_before} only feature extraction). {earned(verdict)}"
     )
+
+
+def earned(verdict: str) -> str:
+    """Whether fine-tuning earned its place, from the paired test's verdict, plainly."""
+    if verdict == "fine-tuning is better":
+        return "So fine-tuning earned its place here: it beat feature extraction on the test photos."
+    if verdict == "fine-tuning is worse":
+        return "So fine-tuning did not earn its place here: feature extraction is better on the test photos."
+    return "So fine-tuning did not earn its place here: it did not beat feature extraction on the test photos."
 
 
 def registry_sentences(models: Sequence[ModelResult], registry: dict[str, dict]) -> list[str]:
