@@ -210,7 +210,8 @@ STAGES: dict[str, Stage] = {
             "finetune",
             "Fine-tune VGG16's top conv layers with the classifier; log it to MLflow.",
             "finetune",
-            (FEATURES, IMAGES, WEIGHTS, MODELS["feature_extraction"].model),
+            # VGG16 comes with the feature-extraction classifier (its weights: WEIGHTS, frozen)
+            (FEATURES, IMAGES, MODELS["feature_extraction"].model),
         ),
         Stage(
             "train_block_heads",

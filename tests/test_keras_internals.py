@@ -55,6 +55,34 @@ def test_a_missing_private_symbol_is_one_line_naming_the_keras_version(monkeypat
         keras_internals.private(keras.layers.Dense(1), "_gone")
 
 
+def test_a_saved_model_s_weights_go_through_a_file_beside_it_not_a_copy_in_memory(tmp_path, monkeypatch):
+    import keras
+    import keras.src.saving.saving_lib as saving_lib
+    import numpy as np
+
+    from pipeline import keras_internals
+
+    monkeypatch.setattr(saving_lib, "is_memory_sufficient", saving_lib.is_memory_sufficient)  # undone afterwards
+    stores = []
+
+    class RecordingStore(saving_lib.H5IOStore):
+        def __init__(self, path_or_io, archive=None, mode="r"):
+            stores.append((str(path_or_io), archive))
+            super().__init__(path_or_io, archive=archive, mode=mode)
+
+    monkeypatch.setattr(saving_lib, "H5IOStore", RecordingStore)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="dense")])
+    keras_internals.save_weights_through_disk()
+    keras_internals.save_weights_through_disk()  # idempotent
+    model.save(tmp_path / "model.keras")
+    ((path, archive),) = stores
+    assert archive is None and path.startswith(str(tmp_path)), "a temporary file beside the model, not memory"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.keras"], "and it is gone"
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    for saved, read in zip(model.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(saved, read)
+
+
 def test_pyproject_pins_keras_to_the_locked_release():
     from pipeline.keras_internals import TESTED_KERAS
 

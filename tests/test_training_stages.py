@@ -58,6 +58,45 @@ def test_train_head_then_finetune_save_the_models_they_trained(tmp_path, monkeyp
                                tuned.model.predict(frozen["test"][0], verbose=0), rtol=1e-4, atol=1e-5)
 
 
+def test_cached_splits_read_each_split_when_used_and_fit_and_test_forgets_the_training_rows(tmp_path, monkeypatch):
+    """finetune's features: each split read from the cache when first used (a tensor of the
+    .npy file's numbers), once; after fitting, the training rows are let go before the test
+    rows are read, so TensorFlow can put the test rows in their memory (the stage's peak)."""
+    import json
+
+    import keras
+
+    from pipeline.stages import vgg_common
+    from pipeline.stages.vgg_common import CachedSplits, fit_and_test
+
+    monkeypatch.setattr(vgg_common, "FEATURES", tmp_path)
+    rng = np.random.default_rng(0)
+    arrays = {split: rng.random((rows, 3, 3, 4), dtype=np.float32) for split, rows in
+              (("train", 8), ("validation", 4), ("test", 6))}
+    for split, features in arrays.items():
+        np.save(tmp_path / f"{split}_frozen.npy", features)
+        np.save(tmp_path / f"{split}_labels.npy", np.arange(len(features)) % 2)
+    (tmp_path / "class_names.json").write_text(json.dumps(["a", "b"]))
+
+    splits = CachedSplits("frozen")
+    assert list(splits) == ["train", "validation", "test"] and vgg_common.cached_class_names() == ["a", "b"]
+    train = splits["train"]
+    assert splits["train"] is train, "read once"
+    np.testing.assert_array_equal(np.asarray(train[0]), arrays["train"])  # the same numbers, exactly
+    np.testing.assert_array_equal(train[1], [0, 1, 0, 1, 0, 1, 0, 1])
+    with pytest.raises(KeyError):
+        splits["holdout"]
+    splits.forget("train")
+    assert splits["train"] is not train and np.array_equal(np.asarray(splits["train"][0]), arrays["train"])
+
+    params = tiny_params()
+    model = keras.Sequential([keras.Input((3, 3, 4)), keras.layers.Flatten(), keras.layers.Dense(1, activation="sigmoid")])
+    vgg_common.compile_classifier(model, 2, params.finetune)
+    trained = fit_and_test(model, splits, params.finetune, params, 1, None, test_batch_size=4)
+    assert trained.test_samples == 6 and trained.validation_samples == 4
+    assert "train" not in splits._read and {"validation", "test"} <= splits._read.keys()
+
+
 def test_block_heads_train_on_each_pooled_block_and_are_paired(tmp_path, monkeypatch):
     """A head per cached block (tiny VGG16, random weights): scores with intervals, the paired
     test of each block against the one before, and the files the report reads."""

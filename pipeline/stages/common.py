@@ -91,6 +91,9 @@ def start_training(params: Params, *inputs: tuple[Path, str]) -> Distribution:
 
         role = multi_worker.cluster_role()  # a bad TF_CONFIG is reported before TensorFlow loads
     set_threads(params.train)
+    from pipeline import keras_internals
+
+    keras_internals.save_weights_through_disk()  # saving a model adds no second copy of it to the peak
     distribution = distribution_scope(params.train)
     if role is not None and not role.chief:
         multi_worker.work_in_scratch(role, [path for path, _ in inputs])
@@ -166,6 +169,9 @@ def fit(
         mlflow.log_params(
             {"train.replicas": model.distribute_strategy.num_replicas_in_sync, "train.global_batch_size": batch_size}
         )
+        from pipeline.catalog import model_of
+
+        log_training_data(model_of(run.stage).test_data)  # its data, before the training's memory peaks
     has_validation = validation is not None and len(validation[0]) > 0
     started = time.perf_counter()
     model.fit(
@@ -282,9 +288,10 @@ def log_training_data(data: Path) -> None:
     of the active run (tracking.log_datasets): which data trained the model, in MLflow."""
     from pipeline.tracking import log_datasets
 
+    contexts = {"train": "training", "validation": "validation", "test": "test"}
     with np.load(data) as arrays:
-        splits = {split: (arrays[f"x_{split}"], arrays[f"y_{split}"]) for split in ("train", "validation", "test")}
-    log_datasets(data, splits, {"train": "training", "validation": "validation", "test": "test"})
+        for split, context in contexts.items():  # one split in memory at a time: this runs at a stage's peak
+            log_datasets(data, {split: (arrays[f"x_{split}"], arrays[f"y_{split}"])}, {split: context})
 
 
 def model_summary(model) -> str:
@@ -350,8 +357,7 @@ def publish_training(run: StageRun, trained: Trained, *, figures: dict, example:
     mlflow.log_metrics(mlflow_metrics(metrics))
     mlflow.log_text(summary, "model_summary_saved.txt")
     mlflow.log_artifacts(str(paths.plots), artifact_path="plots")
-    log_model(saved, example)
-    log_training_data(paths.test_data)
+    log_model(saved, example)  # (its training data went in as the fit began: `fit`)
     discard(run.stage)  # the outputs are complete: nothing left to resume
     return metrics
 

@@ -17,7 +17,15 @@ import numpy as np
 from pipeline import catalog
 from pipeline.params import Params, load_params
 from pipeline.stages.common import Distribution, Trained, distribution_scope, publish_training, start_training
-from pipeline.stages.vgg_common import Splits, compile_classifier, fit_and_test, head_of, load_features, vgg_figures
+from pipeline.stages.vgg_common import (
+    CachedSplits,
+    Splits,
+    cached_class_names,
+    compile_classifier,
+    fit_and_test,
+    head_of,
+    vgg_figures,
+)
 
 if TYPE_CHECKING:
     from pipeline.tracking import StageRun
@@ -49,27 +57,24 @@ def finetune(
     distribution: Distribution | None = None,
     run: StageRun | None = None,
 ) -> Trained:
-    """Fine-tune the trained head in `head_model` with VGG16's top `finetune.unfreeze` conv
-    layers (the weights of catalog.WEIGHTS), on the cached `features` ({split: (activations
+    """Fine-tune the trained head in `head_model` (the feature-extraction classifier) with its
+    VGG16's top `finetune.unfreeze` conv layers, on the cached `features` ({split: (activations
     at the last frozen layer, labels)}), or with `finetune.augment` on the augmented `photos`.
     Returns the fitted model and, to save, the complete classifier (raw photos in).
     `distribution` and `run` as for `train_baseline`."""
     import keras
 
-    from pipeline.models.vgg import (
-        assemble_classifier,
-        build_conv_base,
-        build_finetune_model,
-        split_at_last_frozen_layer,
-    )
+    from pipeline.models.vgg import assemble_classifier, build_finetune_model, split_at_last_frozen_layer
 
     p = params.finetune
     scope, replicas = distribution or distribution_scope(params.train)
     with scope:  # every variable the training touches is made under the strategy
         trained_head = keras.models.load_model(head_model)
         image_shape = trained_head.input_shape[1:]
-        conv_base = build_conv_base(str(catalog.WEIGHTS), image_shape)
-        frozen, top = split_at_last_frozen_layer(conv_base, p.unfreeze)
+        # Its VGG16 layers are the conv base: the weights of catalog.WEIGHTS, frozen while the
+        # head trained (one VGG16 in memory, not a second one loaded from the weights file).
+        conv_base = trained_head
+        _, top = split_at_last_frozen_layer(conv_base, p.unfreeze)
         head = head_of(trained_head, top.output_shape[1:])
         classifier = assemble_classifier(conv_base, head, p.unfreeze)
         if p.augment:
@@ -89,7 +94,8 @@ def run(params_file: Path) -> None:
     from pipeline.tracking import tracked
 
     distribution = start_training(params, *catalog.upstream(STAGE))
-    features, class_names = load_features("frozen", tensors=True)
+    features = CachedSplits("frozen")  # each split read when the training or the test needs it
+    class_names = cached_class_names()
     # The photos train only with augment; else the test ones give the figures and the example.
     with np.load(catalog.IMAGES) as data:
         splits = ("train", "validation", "test") if params.finetune.augment else ("test",)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
     from pipeline.params import FinetuneParams, HeadParams, Params
     from pipeline.tracking import StageRun
 
-Splits = dict[str, tuple[np.ndarray, np.ndarray]]
+Splits = Mapping[str, tuple[np.ndarray, np.ndarray]]
 
 HEAD_LAYERS = ("head_pool", "head_dense", "head_dropout", "head_output")
 SPLITS = ("train", "validation", "test")
@@ -28,8 +29,44 @@ def load_features(kind: str, tensors: bool = False) -> tuple[Splits, list[str]]:
     splits = {
         split: (read(FEATURES / f"{split}_{kind}.npy"), np.load(FEATURES / f"{split}_labels.npy")) for split in SPLITS
     }
-    class_names = json.loads((FEATURES / "class_names.json").read_text())
-    return splits, class_names
+    return splits, cached_class_names()
+
+
+def cached_class_names() -> list[str]:
+    """The class names extract_features wrote beside the features, in label order."""
+    return json.loads((FEATURES / "class_names.json").read_text())
+
+
+class CachedSplits(Mapping):
+    """The feature cache's {split: (features, labels)} for `kind` ("frozen" or "pooled"),
+    each split read (as a tensor, `read_tensor`) when first used. `forget(split)` drops one:
+    TensorFlow's CPU allocator keeps the memory it frees and hands it to the next tensor, so
+    a split read after another is forgotten fits in the memory the first held, instead of
+    adding to the process's peak (fine-tuning: the test rows in the training rows' place)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._read: dict[str, tuple[Any, np.ndarray]] = {}
+
+    def __getitem__(self, split: str) -> tuple[Any, np.ndarray]:
+        if split not in SPLITS:
+            raise KeyError(split)
+        if split not in self._read:
+            features = read_tensor(FEATURES / f"{split}_{self.kind}.npy")
+            self._read[split] = (features, np.load(FEATURES / f"{split}_labels.npy"))
+        return self._read[split]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(SPLITS)
+
+    def __len__(self) -> int:
+        return len(SPLITS)
+
+    def forget(self, split: str) -> None:
+        import gc
+
+        self._read.pop(split, None)
+        gc.collect()  # what model.fit built around a split's tensor holds it in reference cycles
 
 
 def read_tensor(path: Path) -> Any:
@@ -78,7 +115,8 @@ def fit_and_test(
     saved_model: Any = None,
 ) -> Trained:
     """Fit the compiled `model` on `splits` ({split: (inputs, labels)}) and test it;
-    `saved_model` is what the stage saves."""
+    `saved_model` is what the stage saves. `CachedSplits` forget the training split once
+    the model is fitted, and read the test split then."""
     result = fit(
         model,
         splits["train"],
@@ -91,6 +129,8 @@ def fit_and_test(
         run=run,
         keep_by=p.keep_by,
     )
+    if isinstance(splits, CachedSplits):
+        splits.forget("train")
     test_loss, test_accuracy = model.evaluate(*splits["test"], batch_size=test_batch_size, verbose=0)
     return Trained(
         model=model,
