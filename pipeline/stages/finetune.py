@@ -16,7 +16,14 @@ import numpy as np
 
 from pipeline import catalog
 from pipeline.params import Params, load_params
-from pipeline.stages.common import Distribution, Trained, distribution_scope, publish_training, start_training
+from pipeline.stages.common import (
+    Distribution,
+    Trained,
+    distribution_scope,
+    log_training_data,
+    publish_training,
+    start_training,
+)
 from pipeline.stages.vgg_common import (
     CachedSplits,
     Splits,
@@ -101,6 +108,7 @@ def run(params_file: Path) -> None:
         splits = ("train", "validation", "test") if params.finetune.augment else ("test",)
         photos = {split: (data[f"x_{split}"], data[f"y_{split}"]) for split in splits}
     with tracked(STAGE, params) as run:
+        log_training_data(run)
         trained = finetune(HEAD_MODEL, features, photos, len(class_names), params, distribution, run)
         del features  # hundreds of MB the rest of the stage does not need
         test_photos = photos["test"][0]

@@ -17,6 +17,7 @@ from pipeline.params import Params, load_params
 from pipeline.stages.common import (
     Distribution,
     Trained,
+    log_training_data,
     publish_training,
     start_training,
     train_digit_classifier,
@@ -60,6 +61,7 @@ def run(params_file: Path) -> None:
     with np.load(DATA) as data:
         arrays = {key: data[key] for key in data.files}
     with tracked(STAGE, params) as run:
+        log_training_data(run)
         trained = train_dense(arrays, params, distribution, run)
         publish_training(
             run, trained, figures=figures(trained.model, arrays["x_test"].shape[1:]), example=arrays["x_test"][:2]

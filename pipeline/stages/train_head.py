@@ -14,7 +14,14 @@ import numpy as np
 
 from pipeline import catalog
 from pipeline.params import Params, load_params
-from pipeline.stages.common import Distribution, Trained, distribution_scope, publish_training, start_training
+from pipeline.stages.common import (
+    Distribution,
+    Trained,
+    distribution_scope,
+    log_training_data,
+    publish_training,
+    start_training,
+)
 from pipeline.stages.vgg_common import Splits, compile_classifier, fit_and_test, load_features, vgg_figures
 
 if TYPE_CHECKING:
@@ -71,6 +78,7 @@ def run(params_file: Path) -> None:
         examples = data["x_test"][:2]
     photo = examples[0]
     with tracked(STAGE, params) as run:
+        log_training_data(run)
         trained = train_head(splits, len(class_names), photo.shape, params, distribution, run)
         figures = vgg_figures(trained.to_save, photo, ("block1_conv1", "block3_conv3", "block5_conv3"))
         publish_training(run, trained, figures=figures, example=examples)

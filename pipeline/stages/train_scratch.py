@@ -16,7 +16,15 @@ import numpy as np
 
 from pipeline import catalog
 from pipeline.params import Params, load_params
-from pipeline.stages.common import Distribution, Trained, distribution_scope, fit, publish_training, start_training
+from pipeline.stages.common import (
+    Distribution,
+    Trained,
+    distribution_scope,
+    fit,
+    log_training_data,
+    publish_training,
+    start_training,
+)
 
 if TYPE_CHECKING:
     from pipeline.tracking import StageRun
@@ -82,6 +90,7 @@ def run(params_file: Path) -> None:
         photos = {split: (data[f"x_{split}"], data[f"y_{split}"]) for split in SPLITS}
         class_names = [str(name) for name in data["class_names"]]
     with tracked(STAGE, params) as run:
+        log_training_data(run)
         trained = train_scratch(photos, len(class_names), params, distribution, run)
         test_photos = photos["test"][0]
         publish_training(run, trained, figures=figures(trained.model, test_photos[0]), example=test_photos[:2])
