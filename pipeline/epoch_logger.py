@@ -20,6 +20,8 @@ class EpochLogger(MlflowCallback):
 
     MLflow's own on_test_end logs validation metrics without a step after every evaluation,
     which duplicates the `val_*` metrics of each epoch; we keep only the per-epoch ones.
+    Outside a stage's run (a study, a test, a notebook) it only keeps the rows: MLflow's
+    logging calls would start a run of their own, left open in whatever store is current.
     """
 
     def __init__(self, prefix: str = "") -> None:
@@ -31,6 +33,8 @@ class EpochLogger(MlflowCallback):
     def on_train_begin(self, logs: dict | None = None) -> None:
         """MLflow's optimizer params and model summary; under the prefix when there is one
         (each model of the run has its own optimizer, whose Keras name differs)."""
+        if mlflow.active_run() is None:
+            return
         if not self.prefix:
             super().on_train_begin(logs)
             return
@@ -49,10 +53,13 @@ class EpochLogger(MlflowCallback):
             logs = {**logs, "epoch_seconds": seconds}
             self.rows.append({"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}})
             logs = {f"{self.prefix}{key}": value for key, value in logs.items()}
-        super().on_epoch_end(epoch, logs)
+        if mlflow.active_run() is not None:
+            super().on_epoch_end(epoch, logs)
 
     def log_restored(self, rows: list[dict]) -> None:
         """Log the epochs a resumed training restored, so this run has every epoch's metrics."""
+        if mlflow.active_run() is None:
+            return
         for row in rows:
             metrics = {key: value for key, value in row.items() if key != "epoch"}
             mlflow.log_metrics(metrics, step=row["epoch"] - 1)

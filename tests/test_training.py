@@ -69,3 +69,22 @@ def test_an_unknown_keep_by_is_named_in_one_line():
     raw["finetune"]["keep_by"] = "val_auc"
     with pytest.raises(UserError, match=r"finetune\.keep_by: input should be 'val_loss' or 'val_accuracy'"):
         parse_params(raw)
+
+
+def test_fit_outside_a_run_keeps_its_rows_and_starts_no_mlflow_run(tmp_path, monkeypatch):
+    """Per-epoch metrics go to the stage's run when there is one, and nowhere else: MLflow's
+    logging calls outside a run would start one, left open for the next run to trip over."""
+    import mlflow
+
+    from pipeline.stages.common import fit
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = mlflow.set_experiment("fit")
+    result = fit(_model(1), _data(flip=False), _data(flip=False), epochs=2, batch_size=16)
+    assert list(result.history["epoch"]) == [1, 2]
+    assert mlflow.active_run() is None
+    assert mlflow.search_runs([experiment.experiment_id]).empty
+    with mlflow.start_run() as run:
+        fit(_model(1), _data(flip=False), _data(flip=False), epochs=2, batch_size=16)
+    logged = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss")
+    assert [metric.step for metric in logged] == [0, 1]
