@@ -41,15 +41,12 @@ def test_the_dense_model_trains_scores_and_its_metrics_carry_an_interval_beside_
     from pipeline.stages.train_dense import figures, train_dense
     from pipeline.tracking import tracked
 
-    mlflow.end_run()  # a run an earlier test may have left active in this process
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
     # Not the MLflow model (tens of seconds on a busy CPU; test_reliability's stage runs log it).
     monkeypatch.setattr("pipeline.tracking.log_model", lambda *args, **kwargs: None)
     params = tiny_params()
     seed_everything(params.seed)
     arrays = tiny_digits()
-    catalog.MNIST.parent.mkdir(parents=True)  # publish_training logs the prepared file as the run's datasets
-    np.savez(catalog.MNIST, **arrays)
     with tracked(catalog.STAGES["train_dense"], params) as run:
         trained = train_dense(arrays, params, run=run)
         assert [layer.name for layer in trained.model.layers] == ["flatten", "dense1", "dropout", "output"]
