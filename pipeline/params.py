@@ -222,7 +222,8 @@ class RegistryParams(Section):
 
 
 class EvaluateParams(Section):
-    batch_size: PositiveInt  # test samples per forward pass
+    batch_size: PositiveInt  # test photos per forward pass
+    digits_batch_size: PositiveInt  # test digits per forward pass (the MNIST models, the translation test)
     # test photos also run through the saved VGG16 models, checked against the cached path (0: none)
     raw_sample: Annotated[int, Field(ge=0)]
     raw_rtol: Annotated[float, Field(gt=0.0, lt=1.0)]  # their largest difference, relative to the outputs' size

@@ -334,7 +334,7 @@ def test_the_vgg16_models_scored_from_the_cache_equal_their_whole_models(evaluat
     monkeypatch.chdir(evaluated)
     test_sets = evaluate.load_test_sets()
     models = {name: keras.models.load_model(trained.model) for name, trained in evaluate.MODELS.items()}
-    outputs, _ = evaluate.predict_all(models, test_sets, batch_size=4, unfreeze=1)
+    outputs, _ = evaluate.predict_all(models, test_sets, dict.fromkeys(test_sets, 4), unfreeze=1)
     photos = test_sets[evaluate.IMAGES].images
     for name in ("feature_extraction", "fine_tuning"):
         result, from_logits = outputs[name]

@@ -31,7 +31,8 @@ def tiny_params() -> dict:
     params["baseline"].update(conv_filters=[4, 4], dense_units=8)
     params["dense"].update(units=[8])
     params["finetune"]["unfreeze"] = 1  # the "fine-tuned" model changed block2_conv2 (write_models)
-    params["evaluate"] = {"batch_size": 4, "raw_sample": 4, "raw_rtol": 1e-5, "misclassified": 4,
+    params["evaluate"] = {"batch_size": 4, "digits_batch_size": 4, "raw_sample": 4, "raw_rtol": 1e-5,
+                          "misclassified": 4,
                           "gradcam": {"photos": 4, "layer": "block2_conv2"},
                           "translation": {"max_shift": 2, "samples": 0}, "registry": params["evaluate"]["registry"]}
     params["report"] = {
