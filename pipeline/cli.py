@@ -216,9 +216,11 @@ def console() -> None:
     printed. What Python would do next is tear down every module and object, which takes
     1.1-1.3 s with TensorFlow loaded (measured on a 2-core machine): a second per stage for
     nothing, and a killed stage should be gone as soon as it has cleaned up. So the exit is
-    immediate after what matters of a normal one: other threads finished, atexit functions
-    run (MLflow's among them), stdout and stderr flushed. A traceback (a bug) takes the
-    normal way out.
+    immediate after the part of a normal one that can matter: atexit functions run (where
+    libraries flush what they queued: MLflow's async logging, logging handlers), then stdout
+    and stderr are flushed. Threads still alive then are idle pools (or fire-and-forget
+    telemetry): nothing of ours runs in the background, and waiting for an idle
+    ThreadPoolExecutor worker would wait forever. A traceback (a bug) takes the normal way out.
     """
     try:
         main()
@@ -232,14 +234,10 @@ def console() -> None:
 
 
 def _exit_now(code: int) -> None:
-    """End the process with `code` as a normal exit would, less the interpreter's teardown."""
+    """End the process with `code`: atexit functions (not after a kill), stdio flushed, no teardown."""
     import atexit
-    import threading
 
     if code not in (130, 128 + signal.SIGHUP, 128 + signal.SIGTERM):  # after a kill, nothing waits
-        for thread in threading.enumerate():
-            if thread is not threading.current_thread() and not thread.daemon:
-                thread.join()
         atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
