@@ -214,7 +214,7 @@ def console() -> None:
     When `main` ends, the command's work is done: its MLflow run has ended, every output is
     whole (renamed into place) or absent, and its line ("terminated", "error: ...") is
     printed. What Python would do next is tear down every module and object, which takes
-    1.1-1.3 s with TensorFlow loaded (measured on a 2-core machine): a second per stage for
+    1.2-1.5 s with TensorFlow loaded (four runs on a 2-core machine): a second per stage for
     nothing, and a killed stage should be gone as soon as it has cleaned up. So the exit is
     immediate after the part of a normal one that can matter: atexit functions run (where
     libraries flush what they queued: MLflow's async logging, logging handlers), then stdout
