@@ -19,7 +19,7 @@ $(INSTALLED): requirements.lock pyproject.toml
 	touch $@
 
 run: $(INSTALLED)
-	dvc repro
+	pipeline warm -- dvc repro
 
 test: lint
 	$(PYTHON) -m pytest

@@ -183,6 +183,23 @@ def ui(
     serve(experiment or default_experiment(params), host, port)
 
 
+@app.command("warm", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def warm(ctx: typer.Context) -> None:
+    """Run a command, e.g. `dvc repro`, with TensorFlow, Keras and MLflow loaded once for all its stages.
+
+    Every `pipeline` command the command starts (each DVC stage) forks from one process that
+    has the libraries loaded, instead of loading them again: about 5 s less per TensorFlow
+    stage. Outputs, logs, exit codes and Ctrl-C are as without it. `make run` uses it.
+
+    Example: pipeline warm -- dvc exp run --set-param baseline.dropout=0.3
+    """
+    from pipeline.warm import run
+
+    if not ctx.args:
+        raise UserError("pipeline warm: no command given; e.g. pipeline warm -- dvc repro")
+    raise typer.Exit(run(ctx.args))
+
+
 # fmt: on
 
 

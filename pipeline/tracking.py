@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import mlflow
 
+from pipeline import warm
 from pipeline.errors import Killed, UserError, raise_if_signalled, signals_deferred
 from pipeline.files import sha256_tree
 
@@ -178,6 +179,8 @@ def run_tags(stage: str, params: Mapping[str, Any], inputs: list[Path]) -> dict[
         "data.sha256": sha256_tree([p for p in inputs if p.exists()]),
         "pipeline.host": socket.gethostname(),  # with the pid: whether the run's process still lives
         "pipeline.pid": str(os.getpid()),
+        # forked from `pipeline warm`: its process_seconds leave out the imports paid once there
+        "pipeline.warm": str(warm.SERVED).lower(),
     }
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]

@@ -164,6 +164,9 @@ def test_runs_are_tracked_in_the_embedded_store(project):
     experiment = client.get_experiment_by_name("tiny")
     runs = client.search_runs([experiment.experiment_id])
     by_stage = {run.data.tags["pipeline.stage"]: run for run in runs}
+    # `make run` ran every stage forked from `pipeline warm` (pipeline/warm.py)
+    stages = YAML(typ="safe", pure=True).load((root / "dvc.yaml").read_text())["stages"]
+    assert {stage: by_stage[stage].data.tags["pipeline.warm"] for stage in stages} == dict.fromkeys(stages, "true")
     run = by_stage["train_baseline"]
     assert run.info.status == "FINISHED"
     assert run.data.params["baseline.dropout"] == "0.5"
