@@ -15,12 +15,15 @@ Prints JSON: per stage {process_s, irreducible_s, ratio} (ratio null for a stage
 irreducible work counted: downloads, preparation, evaluate, report), whole_run_s (the walls
 of the 14 `dvc repro` calls), irreducible_s, whole_run_ratio and outside_stages_s (the 14
 DVC starts: one `dvc repro` of the whole pipeline pays one).
-Run: `.venv/bin/python benchmarks/bench_pipeline.py [--project DIR] [--stages STAGE...]`.
+The stages run under one `pipeline warm` process, as `make run` runs them (`--cold`: each
+stage imports its libraries itself, as a bare `dvc repro` does).
+Run: `.venv/bin/python benchmarks/bench_pipeline.py [--project DIR] [--stages STAGE...] [--cold]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -35,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import catalog
+from pipeline.warm import warm_process
 
 RUNNING = re.compile(r"Running stage '([^']+)'")
 METRICS = {model.stage: model.metrics for model in catalog.MODELS.values()}  # the trainings that save a model
@@ -87,12 +91,14 @@ def breakdown(process: dict[str, float], irreducible: dict[str, float], whole_ru
     }
 
 
-def repro(project: Path, *stages: str) -> tuple[dict[str, float], float]:
-    """`dvc repro -f -s STAGE...` in `project` (every stage if none is given), its output
-    passed on to stderr: (seconds of each stage that ran, wall seconds)."""
+def repro(project: Path, *stages: str, env: dict[str, str] | None = None) -> tuple[dict[str, float], float]:
+    """`dvc repro -f -s STAGE...` in `project` (every stage if none is given) with `env`
+    (default: this one), its output passed on to stderr: (seconds of each stage that ran,
+    wall seconds)."""
     venv = Path(sys.executable).parent  # its `dvc` and `pipeline`, first on PATH as `make run` puts them
+    env = dict(os.environ if env is None else env)
     # PYTHONUNBUFFERED: each line as it is printed, for its time
-    env = {**os.environ, "PATH": f"{venv}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+    env.update(PATH=f"{venv}{os.pathsep}{env['PATH']}", PYTHONUNBUFFERED="1")
     events: list[tuple[float, str]] = []
     started = time.perf_counter()
     with subprocess.Popen(
@@ -263,6 +269,11 @@ def main() -> None:
     parser.add_argument(
         "--stages", nargs="+", choices=list(catalog.STAGES), help="only these (their inputs must exist)"
     )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="each stage imports its own libraries (default: `pipeline warm`, as make run)",
+    )
     args = parser.parse_args()
     root = args.project.resolve()
     os.chdir(root)  # the catalog's paths are relative to the project
@@ -272,15 +283,17 @@ def main() -> None:
     process: dict[str, float] = {}
     irreducible: dict[str, float] = {}
     whole_run = 0.0
-    for stage in [stage for stage in catalog.STAGES if stage in (args.stages or catalog.STAGES)]:  # pipeline order
-        spans, wall = repro(root, stage)
-        process.update(spans)
-        whole_run += wall
-        seconds = irreducible_seconds(stage, root, params)
-        if seconds is not None:
-            irreducible[stage] = seconds
-        record = {"stage": stage, "wall_s": round(wall, 2), "process_s": spans.get(stage), "irreducible_s": seconds}
-        print(json.dumps(record), file=sys.stderr, flush=True)
+    with contextlib.ExitStack() as stack:
+        env = None if args.cold else stack.enter_context(warm_process())
+        for stage in [stage for stage in catalog.STAGES if stage in (args.stages or catalog.STAGES)]:  # pipeline order
+            spans, wall = repro(root, stage, env=env)
+            process.update(spans)
+            whole_run += wall
+            seconds = irreducible_seconds(stage, root, params)
+            if seconds is not None:
+                irreducible[stage] = seconds
+            record = {"stage": stage, "wall_s": round(wall, 2), "process_s": spans.get(stage), "irreducible_s": seconds}
+            print(json.dumps(record), file=sys.stderr, flush=True)
     json.dump(breakdown(process, irreducible, whole_run), sys.stdout, indent=2)
     print()
 

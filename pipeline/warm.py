@@ -22,6 +22,7 @@ its own, an MLflow client or a database connection; the children do, after the f
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
@@ -289,9 +291,10 @@ def console() -> None:
     in_this_process()
 
 
-def run(command: list[str]) -> int:
-    """Start the warm process, run `command` with $PIPELINE_WARM pointing at it, stop the
-    warm process; returns the command's exit status."""
+@contextlib.contextmanager
+def warm_process() -> Iterator[dict[str, str]]:
+    """A warm process for the duration of the block. Yields the environment to start
+    commands with: this one and $PIPELINE_WARM (without it if the warm process did not start)."""
     folder = tempfile.mkdtemp(prefix="pipeline-warm-")
     path = os.path.join(folder, "socket")
     server = subprocess.Popen(
@@ -301,24 +304,12 @@ def run(command: list[str]) -> int:
         start_new_session=True,  # Ctrl-C reaches the children through their clients only
     )
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 30  # it listens before it loads anything: milliseconds
         while not os.path.exists(path) and server.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        env = dict(os.environ, **{ENV: path}) if os.path.exists(path) else dict(os.environ)
-        # Like a shell, wait through a Ctrl-C: the command decides what it means. (A handler,
-        # not SIG_IGN, which the command would inherit.)
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
-        try:
-            code = subprocess.call(command, env=env)
-        finally:
-            signal.signal(signal.SIGINT, previous)
-        return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell says
-    except FileNotFoundError:
-        from pipeline.errors import UserError
-
-        raise UserError(f"{command[0]}: command not found") from None
+        yield dict(os.environ, **{ENV: path}) if os.path.exists(path) else dict(os.environ)
     finally:
-        server.terminate()
+        server.terminate()  # it ends once its children have
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -326,3 +317,20 @@ def run(command: list[str]) -> int:
             server.wait()
         Path(path).unlink(missing_ok=True)
         os.rmdir(folder)
+
+
+def run(command: list[str]) -> int:
+    """`command` with a warm process (`pipeline warm -- COMMAND`); returns its exit status."""
+    with warm_process() as env:
+        # Like a shell, wait through a Ctrl-C: the command decides what it means. (A handler,
+        # not SIG_IGN, which the command would inherit.)
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+        try:
+            code = subprocess.call(command, env=env)
+        except FileNotFoundError:
+            from pipeline.errors import UserError
+
+            raise UserError(f"{command[0]}: command not found") from None
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell says
