@@ -58,6 +58,7 @@ PRELOAD = (
 )
 
 _HEADER = struct.Struct("!I")
+_CODE = [sys.executable, __file__]  # a client of another venv or checkout runs on its own
 
 
 def _load_time_env(env: dict[str, str]) -> dict[str, str]:
@@ -101,7 +102,9 @@ def client(argv: list[str]) -> int | None:
     with conn:
         umask = os.umask(0)
         os.umask(umask)
-        request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "umask": umask}).encode()
+        request = json.dumps(
+            {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "umask": umask, "code": _CODE}
+        ).encode()
         sys.stdout.flush()
         sys.stderr.flush()
         try:
@@ -235,7 +238,8 @@ def serve(path: str) -> None:
         except (OSError, ValueError):
             conn.close()
             continue
-        if _load_time_env(request["env"]) != original_env or not _unchanged(files):
+        stand_in = request["code"] == _CODE and _load_time_env(request["env"]) == original_env
+        if not (stand_in and _unchanged(files)):
             for fd in fds:
                 os.close(fd)
             _send_and_close(conn, "refuse")

@@ -76,7 +76,7 @@ def test_the_cli_has_one_command_per_stage():
 
     commands = set(get_command(app).commands)
     assert {stage.subcommand for stage in catalog.STAGES.values()} <= commands
-    assert commands - {stage.subcommand for stage in catalog.STAGES.values()} == {"compare", "study", "predict", "ui"}
+    assert commands - {stage.subcommand for stage in catalog.STAGES.values()} == {"compare", "study", "predict", "ui", "warm"}
 
 
 def make_inputs(root: Path, paths: list[Path]) -> None:

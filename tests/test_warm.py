@@ -50,10 +50,13 @@ def left_behind(tmp: Path) -> list[str]:
 
 def test_commands_fork_from_the_warm_process_unless_it_cannot_stand_in_for_a_fresh_one(project, tmp_path):
     """Each command's MLflow run says whether it was forked (`pipeline.warm`): yes under the
-    warm process; no with a load-time variable of its own (TF_*), or with no warm process to
-    reach. A user error is its one line and exit 2, as always; the command's exit status is
-    `pipeline warm`'s. Nothing is left behind."""
+    warm process; no with a load-time variable of its own (TF_*), from another Python or
+    checkout, or with no warm process to reach. A user error is its one line and exit 2, as
+    always; the command's exit status is `pipeline warm`'s. Nothing is left behind."""
+    other_python = ("import sys; from pipeline import warm; warm._CODE[0] += '-other';"
+                    " sys.argv = ['pipeline', 'prepare-mnist']; warm.console()")
     script = ("pipeline prepare-mnist && TF_ENABLE_ONEDNN_OPTS=0 pipeline prepare-mnist"
+              f" && python -c \"{other_python}\""
               " && PIPELINE_WARM=/nonexistent/socket pipeline prepare-mnist"
               " && pipeline prepare-mnist --params missing.yaml")
     result = subprocess.run([BIN / "pipeline", "warm", "--", "sh", "-c", script], cwd=project,
@@ -61,8 +64,8 @@ def test_commands_fork_from_the_warm_process_unless_it_cannot_stand_in_for_a_fre
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: missing.yaml"), result.stderr
     assert "Traceback" not in result.stderr
-    runs = runs_in(project, "tiny", "prepare_mnist")[-3:]
-    assert [run.data.tags["pipeline.warm"] for run in runs] == ["true", "false", "false"]
+    runs = runs_in(project, "tiny", "prepare_mnist")[-4:]
+    assert [run.data.tags["pipeline.warm"] for run in runs] == ["true", "false", "false", "false"]
     assert all(run.info.status == "FINISHED" for run in runs)
     assert (project / "data/prepared/mnist.npz").exists()
     assert left_behind(tmp_path) == []
