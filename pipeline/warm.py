@@ -45,16 +45,18 @@ SERVED = False  # True in a child of the warm process: stage runs are tagged `pi
 # from the warm process's would not get the process it asked for, so it runs on its own.
 LOAD_TIME = ("PYTHON", "TF_", "KERAS_", "XLA_", "OMP_", "MKL_", "OPENBLAS_", "CUDA_", "LD_", "MPL", "MALLOC", "HOME")
 
+# What the warm process loads, in two steps: what every command needs, then TensorFlow and
+# Keras. Commands that came in meanwhile are forked between the two: the first stages
+# (downloads, preparation) need no TensorFlow and need not wait for it.
 PRELOAD = (
-    "tensorflow",
-    "keras",
-    "mlflow",
-    "mlflow.store.tracking.sqlalchemy_store",  # SQLAlchemy and MLflow's ORM: 0.9 s per stage
-    "matplotlib.pyplot",
-    "pandas",
-    "pipeline.cli",
-    "pipeline.tracking",
-    "pipeline.stages.common",
+    (
+        "pipeline.cli",
+        "pipeline.tracking",
+        "mlflow",
+        "mlflow.store.tracking.sqlalchemy_store",  # SQLAlchemy and MLflow's ORM: 0.9 s per stage
+        "pandas",
+    ),
+    ("tensorflow", "keras", "matplotlib.pyplot", "pipeline.stages.common"),
 )
 
 _HEADER = struct.Struct("!I")
@@ -204,46 +206,22 @@ def serve(path: str) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(16)  # clients queue here while the libraries load
-    import importlib
-
-    for name in PRELOAD:
-        importlib.import_module(name)
-    files = _package_files()
-    stopping = False
-
-    def stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the commands through their clients
     children: dict[int, socket.socket] = {}
-    while not stopping or children:
-        try:
-            ready, _, _ = select.select([] if stopping else [listener], [], [], 0.2)
-        except InterruptedError:
-            ready = []
-        while children:  # report every child that ended to its client
-            pid, status = os.waitpid(-1, os.WNOHANG)
-            if pid == 0:
-                break
-            conn = children.pop(pid)
-            code = os.waitstatus_to_exitcode(status)
-            _send_and_close(conn, f"signal {-code}" if code < 0 else f"exit {code}")
-        if not ready:
-            continue
-        conn, _ = listener.accept()
+    files: dict[str, tuple[int, int]] = {}
+
+    def fork_for(conn: socket.socket) -> None:
+        """Fork a child that runs the command `conn` sends, or refuse it."""
         try:
             request, fds = _receive(conn)
         except (OSError, ValueError):
             conn.close()
-            continue
+            return
         stand_in = request["code"] == _CODE and _load_time_env(request["env"]) == original_env
         if not (stand_in and _unchanged(files)):
             for fd in fds:
                 os.close(fd)
             _send_and_close(conn, "refuse")
-            continue
+            return
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
@@ -269,6 +247,39 @@ def serve(path: str) -> None:
         except OSError:
             pass  # the client is gone: its child's watcher ends the child
         children[pid] = conn
+
+    def serve_for(seconds: float, accepting: bool = True) -> None:
+        """Wait up to `seconds` for a command, fork for those that came, report the children that ended."""
+        try:
+            ready, _, _ = select.select([listener] if accepting else [], [], [], seconds)
+        except InterruptedError:
+            ready = []
+        while children:  # report every child that ended to its client
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            code = os.waitstatus_to_exitcode(status)
+            _send_and_close(children.pop(pid), f"signal {-code}" if code < 0 else f"exit {code}")
+        for _ in ready:
+            fork_for(listener.accept()[0])
+
+    import importlib
+
+    for step in PRELOAD:
+        for name in step:
+            importlib.import_module(name)
+        files = _package_files()
+        serve_for(0)
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the commands through their clients
+    while not stopping or children:
+        serve_for(0.2, accepting=not stopping)
     listener.close()
 
 
@@ -301,8 +312,11 @@ def warm_process() -> Iterator[dict[str, str]]:
     commands with: this one and $PIPELINE_WARM (without it if the warm process did not start)."""
     folder = tempfile.mkdtemp(prefix="pipeline-warm-")
     path = os.path.join(folder, "socket")
+    # `python -c` puts the working folder first on sys.path, where a project's copy of
+    # pipeline/ (DVC's deps) would shadow the installed package: not for the warm process.
     server = subprocess.Popen(
-        [sys.executable, "-c", f"from pipeline.warm import serve; serve({path!r})"],
+        [sys.executable, "-c", f"import sys; del sys.path[0]; from pipeline.warm import serve; serve({path!r})"],
+        cwd=folder,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         start_new_session=True,  # Ctrl-C reaches the children through their clients only

@@ -6,6 +6,7 @@ for runs on its own. (The whole pipeline under it, as `make run` runs it: tests/
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,13 +16,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import BIN, command_env, runs_in, serve_folder, shipped_params, wait_for, write_mnist_mirror, write_yaml
+from conftest import BIN, REPO, command_env, runs_in, serve_folder, shipped_params, wait_for, write_mnist_mirror, write_yaml
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, request) -> Path:
-    """Tiny MNIST served from loopback, downloaded and prepared (without `pipeline warm`), and
-    a baseline that trains long enough to be interrupted."""
+    """Tiny MNIST served from loopback, downloaded and prepared (without `pipeline warm`), a
+    baseline that trains long enough to be interrupted, and a copy of pipeline/ in the
+    project folder, as a DVC project has one (its stages' deps)."""
     base = tmp_path_factory.mktemp("warm")
     files = write_mnist_mirror(base / "served" / "mnist", train=160, test=50)
     url = serve_folder(base / "served", request)
@@ -31,6 +33,7 @@ def project(tmp_path_factory, request) -> Path:
     params["mlflow"].update(experiment="tiny", system_metrics_seconds=1)
     root = base / "project"
     root.mkdir()
+    shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     write_yaml(root / "params.yaml", params)
     for stage in ("download-mnist", "prepare-mnist"):
         subprocess.run([BIN / "pipeline", stage], cwd=root, env=command_env(), check=True, capture_output=True,
