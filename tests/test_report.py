@@ -93,6 +93,7 @@ def test_best_runs_table_names_the_params_that_differ():
         "metrics.test_accuracy": [0.99, 0.97, None],
         "metrics.process_seconds": [41.26, 400.0, None],
         "metrics.peak_rss_mib": [1843.6, 900.0, None],
+        "tags.pipeline.warm": ["true", "false", None],
         "params.baseline.dropout": ["0.25", "0.5", "0.5"],
         "params.seed": ["42", "42", "42"],
     })
@@ -105,7 +106,7 @@ def test_best_runs_table_names_the_params_that_differ():
     timings = timings_table(runs, ["train_baseline"], {"train_baseline": "a" * 32})
     assert timings.to_dict("records") == [
         {"stage": "train_baseline", "run": "aaaaaaaa", "status": "FINISHED", "started": "2026-01-01 00:00:00", "seconds": 30.0,
-         "process seconds": 41.3, "peak RSS MiB": 1844.0}
+         "process seconds": 41.3, "warm": "yes", "peak RSS MiB": 1844.0}
     ]
 
 

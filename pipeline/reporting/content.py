@@ -745,7 +745,9 @@ def timings_section(timings: pd.DataFrame, visualize_seconds: dict[str, float]) 
         Text(
             "How long each stage took: `seconds` is its MLflow run's wall time (the stage's work), "
             "`process seconds` runs from the start of the stage's process (TensorFlow's and "
-            "MLflow's imports included) to the run's end, `peak RSS MiB` is the most memory "
+            "MLflow's imports included) to the run's end, except for a process forked from "
+            "`pipeline warm` (`warm`: yes), which starts with them loaded: `make run` loads them "
+            "once for all stages. `peak RSS MiB` is the most memory "
             "that process held resident. The run is the one named in the "
             "stage's metrics file, else the stage's newest finished run (a stage that DVC found "
             "up to date shows the run that last produced its outputs)."

@@ -36,19 +36,23 @@ def current_run(runs: pd.DataFrame, stage: str, run_id: str | None) -> pd.Series
 def timings_table(runs: pd.DataFrame, stages: Sequence[str], run_ids: Mapping[str, str]) -> pd.DataFrame:
     """One row per stage that has a run: stage, run (short id), status, started (UTC), seconds
     (the MLflow run's wall time), process seconds (from the stage's process start to the
-    run's end, TensorFlow's and MLflow's imports included) and the process's peak resident
-    memory in MiB (both empty for runs that lack them).
+    run's end, TensorFlow's and MLflow's imports included), whether the process was forked
+    from `pipeline warm` (its imports then paid once, before: not in its process seconds) and
+    the process's peak resident memory in MiB (empty for runs that lack them).
 
     `run_ids` names the run of a stage whose outputs the report shows (from its metrics file).
     """
     rows = [row for stage in stages if (row := current_run(runs, stage, run_ids.get(stage))) is not None]
     if not rows:
-        return pd.DataFrame(columns=["stage", "run", "status", "started", "seconds", "process seconds", "peak RSS MiB"])
+        return pd.DataFrame(
+            columns=["stage", "run", "status", "started", "seconds", "process seconds", "warm", "peak RSS MiB"]
+        )
     frame = pd.DataFrame(rows)
     identity = identity_columns(frame)
     missing = pd.Series(float("nan"), index=frame.index)
     process = frame.get("metrics.process_seconds", missing)
     memory = frame.get("metrics.peak_rss_mib", missing)
+    warm = frame.get("tags.pipeline.warm", missing).map({"true": "yes", "false": "no"}).fillna("")
     return pd.DataFrame(
         {
             "stage": identity["stage"].to_numpy(),
@@ -57,6 +61,7 @@ def timings_table(runs: pd.DataFrame, stages: Sequence[str], run_ids: Mapping[st
             "started": identity["started"].to_numpy(),
             "seconds": identity["seconds"].to_numpy(),
             "process seconds": pd.to_numeric(process, errors="coerce").round(1).to_numpy(),
+            "warm": warm.to_numpy(),
             "peak RSS MiB": pd.to_numeric(memory, errors="coerce").round(0).to_numpy(),
         }
     )
