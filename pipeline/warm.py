@@ -120,20 +120,13 @@ def client(argv: list[str]) -> int | None:
         child = int(first[1])
 
         def forward(signum: int, frame: object) -> None:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # it has just ended: its status follows
                 os.kill(child, signum)
-            except ProcessLookupError:
-                pass
 
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             if signal.getsignal(sig) is not signal.SIG_IGN:
                 signal.signal(sig, forward)
-        while True:
-            try:
-                last = reply.readline().split()
-                break
-            except InterruptedError:  # pragma: no cover (PEP 475 retries; kept for clarity)
-                continue
+        last = reply.readline().split()  # a forwarded signal does not interrupt it (PEP 475)
     if len(last) == 2 and last[0] == b"exit":
         return int(last[1])
     if len(last) == 2 and last[0] == b"signal":  # end the way the child did, for DVC and the shell
@@ -177,7 +170,7 @@ def _become(request: dict, fds: list[int], conn: socket.socket) -> None:
     sys.argv = list(request["argv"])
     global SERVED
     SERVED = True
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):  # as a fresh Python process has them
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
@@ -185,11 +178,9 @@ def _become(request: dict, fds: list[int], conn: socket.socket) -> None:
 
     def end_with_client() -> None:
         """The client never writes again: end of file means it died (SIGKILL): stop as a kill would."""
-        try:
+        with contextlib.suppress(OSError):
             while conn.recv(1):
-                pass
-        except OSError:
-            pass
+                continue
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=end_with_client, name="warm-client-watch", daemon=True).start()
@@ -242,18 +233,13 @@ def serve(path: str) -> None:
                 os._exit(code)
         for fd in fds:
             os.close(fd)
-        try:
+        with contextlib.suppress(OSError):  # the client is gone: its child's watcher ends the child
             conn.sendall(f"pid {pid}\n".encode())
-        except OSError:
-            pass  # the client is gone: its child's watcher ends the child
         children[pid] = conn
 
     def serve_for(seconds: float, accepting: bool = True) -> None:
         """Wait up to `seconds` for a command, fork for those that came, report the children that ended."""
-        try:
-            ready, _, _ = select.select([listener] if accepting else [], [], [], seconds)
-        except InterruptedError:
-            ready = []
+        ready, _, _ = select.select([listener] if accepting else [], [], [], seconds)  # PEP 475: no EINTR
         while children:  # report every child that ended to its client
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
@@ -284,10 +270,8 @@ def serve(path: str) -> None:
 
 
 def _send_and_close(conn: socket.socket, line: str) -> None:
-    try:
+    with contextlib.suppress(OSError):  # a client that is gone needs no answer
         conn.sendall(f"{line}\n".encode())
-    except OSError:
-        pass
     conn.close()
 
 
