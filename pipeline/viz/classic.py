@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from pipeline.viz.common import new_figure, show_image, to_grayscale
+from pipeline.viz.common import axes_off, new_figure, show_image, to_grayscale
 from pipeline.viz.kernels import draw_kernel
 
 CLIP_PERCENTILE = 98.0
@@ -117,7 +117,7 @@ def draw_response(ax: Axes, response: np.ndarray, title: str) -> None:
     else:
         ax.imshow(response, cmap="gray", vmin=0.0, vmax=high)
     ax.set_title(title, fontsize=8)
-    ax.set_axis_off()
+    axes_off(ax)
 
 
 def classic_vs_learned_figure(
@@ -142,7 +142,7 @@ def classic_vs_learned_figure(
     fig = new_figure(columns * 2.0, (len(kernels) + 1) * 2.0 + 0.3)
     axes = fig.subplots(len(kernels) + 1, columns, squeeze=False)
     for ax in axes.ravel():
-        ax.set_axis_off()
+        axes_off(ax)
     show_image(axes[0, 0], image)
     axes[0, 0].set_title("image", fontsize=8)
     draw_response(axes[0, 1], to_grayscale(image), "grayscale (hand-made filters' input)")

@@ -6,7 +6,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from pipeline.viz.common import image_grid
+from pipeline.viz.common import axes_off, image_grid
 
 # A diverging map: white is 0, so a kernel's positive and negative lobes read at a glance.
 DIVERGING_CMAP = "RdBu_r"
@@ -40,7 +40,7 @@ def draw_kernel(ax: Axes, kernel: np.ndarray, limit: float | None = None) -> Non
         flat = kernel.sum(axis=-1) if kernel.ndim == 3 else kernel
         bound = limit if limit is not None else float(np.abs(flat).max()) or 1.0
         ax.imshow(flat, cmap=DIVERGING_CMAP, vmin=-bound, vmax=bound, interpolation="nearest")
-    ax.set_axis_off()
+    axes_off(ax)
 
 
 def kernel_grid(kernels: np.ndarray, title: str, bgr: bool = False) -> Figure:

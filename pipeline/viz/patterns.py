@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 
 from pipeline.models.graph import PreActivation, layer_input, layer_output, model_input
 from pipeline.viz.activations import at_input_shape
-from pipeline.viz.common import new_figure
+from pipeline.viz.common import axes_off, new_figure
 
 # Activation pixels ignored at each edge: the zero padding makes border pixels see a
 # different input than the others, and maximising them gives edge artefacts (as in the book).
@@ -196,7 +196,7 @@ def patterns_figure(patterns: dict[str, np.ndarray], title: str = "filter patter
     axes = fig.subplots(len(patterns), columns, squeeze=False)
     for row, (name, images) in enumerate(patterns.items()):
         for column, ax in enumerate(axes[row]):
-            ax.set_axis_off()
+            axes_off(ax)
             if column < len(images):
                 image = images[column]
                 ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=255)
