@@ -53,8 +53,11 @@ class EpochLogger(MlflowCallback):
             logs = {**logs, "epoch_seconds": seconds}
             self.rows.append({"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}})
             logs = {f"{self.prefix}{key}": value for key, value in logs.items()}
-        if mlflow.active_run() is not None:
-            super().on_epoch_end(epoch, logs)
+        if mlflow.active_run() is not None and logs is not None:
+            # Synchronously, where MLflow's callback queues them: an epoch's metrics are in the
+            # store as it ends (a killed stage keeps them), for ~5 ms an epoch on SQLite, and the
+            # run's end no longer waits for the queue's thread (its 1 s poll: 0.7-1.1 s a stage).
+            mlflow.log_metrics(logs, step=epoch, synchronous=True, model_id=self.model_id)
 
     def log_restored(self, rows: list[dict]) -> None:
         """Log the epochs a resumed training restored, so this run has every epoch's metrics."""

@@ -216,19 +216,31 @@ def test_ctrl_c_in_training_ends_the_run_killed_exits_130_and_keeps_the_previous
         (embedded_store / name).parent.mkdir(parents=True, exist_ok=True)
         (embedded_store / name).write_bytes(content)
 
+    import mlflow
+    from mlflow.store.tracking.abstract_store import AbstractStore
+
+    in_store_as_epoch_ended = []
+
     def on_epoch_end(self, epoch, logs=None, _real=EpochLogger.on_epoch_end):
         _real(self, epoch, logs)
+        run_id = mlflow.active_run().info.run_id
+        in_store_as_epoch_ended.append([m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val_loss")])
         if epoch == 0:
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)  # the KeyboardInterrupt is raised here
 
+    def queued(*args, **kwargs):
+        raise AssertionError("epoch metrics go to MLflow's async queue: the run's end waits for its thread")
+
     monkeypatch.setattr(EpochLogger, "on_epoch_end", on_epoch_end)
+    monkeypatch.setattr(AbstractStore, "log_batch_async", queued)
     status = run_cli(monkeypatch, "train-baseline")
     assert status == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
     (run,) = runs_in(embedded_store, "reliability")
     assert run.info.status == "KILLED"
     assert [m.step for m in client_for(embedded_store).get_metric_history(run.info.run_id, "val_loss")] == [0]
+    assert in_store_as_epoch_ended == [[0]], "an epoch's metrics are in the store as it ends"
     for name, content in previous.items():
         assert (embedded_store / name).read_bytes() == content, "a killed run leaves the previous outputs"
     assert not temp_leftovers(embedded_store)
