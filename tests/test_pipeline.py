@@ -193,6 +193,18 @@ def test_runs_are_tracked_in_the_embedded_store(project):
     assert champion.source.startswith("models:/")
     logged = client.get_logged_model(champion.source.removeprefix("models:/"))
     assert logged.source_run_id == json.loads((root / "metrics/baseline.json").read_text())["mlflow_run_id"]
+    # ... with its signature and input example, on which it predicts what Keras does: the check
+    # MLflow would make while logging, which tracking.log_model skips for speed
+    import keras
+    import mlflow.pyfunc
+
+    from conftest import assert_float32_close
+
+    served = mlflow.pyfunc.load_model(logged.artifact_location)
+    example = served.input_example
+    assert tuple(served.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 28, 28, 1)
+    assert example.shape == (1, 28, 28, 1)
+    assert_float32_close(served.predict(example), keras.models.load_model(root / "models/baseline.keras").predict(example))
     assert client.get_model_version_by_alias("cats-vs-dogs", "champion").tags["pipeline.model"] in (
         "feature_extraction", "fine_tuning")
 
