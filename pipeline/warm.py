@@ -67,20 +67,23 @@ def _load_time_env(env: dict[str, str]) -> dict[str, str]:
     return {key: value for key, value in env.items() if key.startswith(LOAD_TIME)}
 
 
+def _stamp(path: str) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_mtime_ns, stat.st_size
+
+
 def _package_files() -> dict[str, tuple[int, int]]:
     """(mtime, size) of every loaded module of the `pipeline` package."""
-    files = {}
-    for name, module in list(sys.modules.items()):
-        path = getattr(module, "__file__", None)
-        if (name == "pipeline" or name.startswith("pipeline.")) and path:
-            stat = os.stat(path)
-            files[path] = (stat.st_mtime_ns, stat.st_size)
-    return files
+    return {
+        path: _stamp(path)
+        for name, module in list(sys.modules.items())
+        if (name == "pipeline" or name.startswith("pipeline.")) and (path := getattr(module, "__file__", None))
+    }
 
 
 def _unchanged(files: dict[str, tuple[int, int]]) -> bool:
     try:
-        return all((s.st_mtime_ns, s.st_size) == key for s, key in ((os.stat(p), k) for p, k in files.items()))
+        return all(_stamp(path) == stamp for path, stamp in files.items())
     except OSError:
         return False
 
